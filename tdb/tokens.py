@@ -1,0 +1,70 @@
+"""Tokenizers: a checkpoint's `tokenizer.json` (or GPT-2's vocab.json + merges.txt), or none.
+
+Without tokenizer files a model still works on token ids; token text is then shown as `<id>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import ByteLevel as ByteLevelDecoder
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
+
+from tdb.errors import TdbError
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Text <-> token ids. `Tokenizer.from_dir(path)`; `tok.encode(" Mary")` -> `[44]`.
+
+    `inner` is None when the checkpoint has no tokenizer files (ids only).
+    """
+
+    inner: HFTokenizer | None
+    d_vocab: int
+
+    @staticmethod
+    def from_dir(directory: Path, d_vocab: int) -> Tokenizer:
+        tokenizer_json = directory / "tokenizer.json"
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if tokenizer_json.is_file():
+            return Tokenizer(HFTokenizer.from_file(str(tokenizer_json)), d_vocab)
+        if vocab.is_file() and merges.is_file():
+            inner = HFTokenizer(BPE.from_file(str(vocab), str(merges)))
+            inner.pre_tokenizer = ByteLevel(add_prefix_space=False)
+            inner.decoder = ByteLevelDecoder()
+            return Tokenizer(inner, d_vocab)
+        return Tokenizer(None, d_vocab)
+
+    @property
+    def has_text(self) -> bool:
+        return self.inner is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self.inner is None:
+            raise TdbError(
+                "this checkpoint has no tokenizer (tokenizer.json or vocab.json + merges.txt): "
+                "give token ids instead (--token-ids, --target-id, --distractor-id)"
+            )
+        return list(self.inner.encode(text, add_special_tokens=False).ids)
+
+    def token_text(self, token_id: int) -> str:
+        if self.inner is None:
+            return f"<{token_id}>"
+        return self.inner.decode([token_id], skip_special_tokens=False)
+
+    def single_token(self, text: str, what: str) -> int:
+        """The id of `text`, which must be exactly one token (else a TdbError naming its pieces)."""
+        ids = self.encode(text)
+        if len(ids) != 1:
+            pieces = ", ".join(repr(self.token_text(i)) for i in ids) or "nothing"
+            raise TdbError(f"{what} {text!r} must be a single token, but it splits into {pieces}")
+        return ids[0]
+
+    def check_id(self, token_id: int, what: str) -> int:
+        if not 0 <= token_id < self.d_vocab:
+            raise TdbError(f"{what} {token_id} is outside the vocabulary (0..{self.d_vocab - 1})")
+        return token_id
