@@ -1,0 +1,172 @@
+"""The derived scalars of the node table: one small pure function per (node type, metric).
+
+Every function reads one layer's worth of captured tensors and returns one value per node of that
+layer, in the node type's grid layout:
+
+    embedding       [pos]
+    attention_head  [query_pos key_pos head]   (pairs with key > query are not nodes: NaN)
+    mlp_neuron      [pos d_mlp]
+
+`g` is the gradient of the direction with respect to the residual stream at the direction's
+position, the final layer norm's scale held fixed; a write vector w at that position changes the
+direction by exactly w · g, and anywhere else not at all (directly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tdb.nodes import INDEX, KEY_TOKEN, LAYER, TOKEN, NodeType
+
+
+class Group(str, Enum):
+    """A metric: one column of the node table, comparable across node types."""
+
+    ACTIVATION = "activation"
+    WRITE_NORM = "write_norm"
+    DIRECT_EFFECT = "direct_effect"
+    ACT_TIMES_GRAD = "act_times_grad"
+
+
+ALL_GROUPS = tuple(Group)
+# Signed groups keep their bottom k too; the others are non-negative (or, for activations, read
+# for their top only), so their bottom k would only be a list of near-zero rows.
+SIGNED_GROUPS = frozenset({Group.DIRECT_EFFECT, Group.ACT_TIMES_GRAD})
+NEEDS_GRADIENT = frozenset({Group.ACT_TIMES_GRAD})
+
+# Which node coordinate each grid axis holds, per node type.
+GRID_AXES: dict[NodeType, tuple[int, ...]] = {
+    NodeType.EMBEDDING: (TOKEN,),
+    NodeType.ATTENTION_HEAD: (LAYER, TOKEN, KEY_TOKEN, INDEX),
+    NodeType.MLP_NEURON: (LAYER, TOKEN, INDEX),
+}
+
+
+@dataclass(frozen=True)
+class EmbeddingInputs:
+    resid: Float[Tensor, "pos d_model"]  # token + position embedding
+    grad: Float[Tensor, "pos d_model"] | None  # dD/d(resid)
+    g: Float[Tensor, " d_model"]
+    position: int
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    probs: Float[Tensor, "head query_pos key_pos"]
+    grad_probs: Float[Tensor, "head query_pos key_pos"] | None
+    v: Float[Tensor, "pos head d_head"]  # value bias included
+    W_O: Float[Tensor, "head d_head d_model"]
+    g: Float[Tensor, " d_model"]
+    position: int
+
+
+@dataclass(frozen=True)
+class MlpInputs:
+    post: Float[Tensor, "pos d_mlp"]
+    grad_post: Float[Tensor, "pos d_mlp"] | None
+    W_out: Float[Tensor, "d_mlp d_model"]
+    g: Float[Tensor, " d_model"]
+    position: int
+
+
+def at_position(row: Tensor, position: int, n_pos: int) -> Tensor:
+    """A [pos ...] tensor that is `row` at `position` and zero elsewhere."""
+    out = row.new_zeros((n_pos, *row.shape))
+    out[position] = row
+    return out
+
+
+def not_a_node(values: Float[Tensor, "query_pos key_pos head"]) -> Tensor:
+    """Mark (query, key) pairs with key after query as non-nodes (NaN)."""
+    n_pos = values.shape[0]
+    future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=values.device).triu(1)
+    return values.masked_fill(future[:, :, None], float("nan"))
+
+
+def grad_or_fail(grad: Tensor | None) -> Tensor:
+    if grad is None:
+        raise ValueError("act_times_grad needs the backward pass, which was not run")
+    return grad
+
+
+# --- embeddings: activation 1, write vector = the embedding itself ---------------------------
+
+
+def embedding_activation(x: EmbeddingInputs) -> Tensor:
+    return torch.ones(x.resid.shape[0], dtype=x.resid.dtype)
+
+
+def embedding_write_norm(x: EmbeddingInputs) -> Tensor:
+    return x.resid.norm(dim=-1)
+
+
+def embedding_direct_effect(x: EmbeddingInputs) -> Tensor:
+    return at_position(x.resid[x.position] @ x.g, x.position, x.resid.shape[0])
+
+
+def embedding_act_times_grad(x: EmbeddingInputs) -> Tensor:
+    return (x.resid * grad_or_fail(x.grad)).sum(dim=-1)
+
+
+# --- attention heads at (query, key): activation p, write vector p · (v[key, head] @ W_O[head]) --
+
+
+def head_activation(x: AttentionInputs) -> Tensor:
+    return not_a_node(x.probs.permute(1, 2, 0))
+
+
+def head_write_norm(x: AttentionInputs) -> Tensor:
+    value_write_norm = torch.einsum("khe,hed->khd", x.v, x.W_O).norm(dim=-1)  # [key_pos head]
+    return not_a_node(x.probs.permute(1, 2, 0) * value_write_norm[None])
+
+
+def head_direct_effect(x: AttentionInputs) -> Tensor:
+    value_write_g = torch.einsum("khe,hed,d->kh", x.v, x.W_O, x.g)  # [key_pos head]
+    row = x.probs[:, x.position].T * value_write_g  # [key_pos head]
+    return not_a_node(at_position(row, x.position, x.probs.shape[1]))
+
+
+def head_act_times_grad(x: AttentionInputs) -> Tensor:
+    return not_a_node((x.probs * grad_or_fail(x.grad_probs)).permute(1, 2, 0))
+
+
+# --- MLP neurons: activation a, write vector a · W_out[neuron] -------------------------------
+
+
+def neuron_activation(x: MlpInputs) -> Tensor:
+    return x.post
+
+
+def neuron_write_norm(x: MlpInputs) -> Tensor:
+    return x.post.abs() * x.W_out.norm(dim=-1)
+
+
+def neuron_direct_effect(x: MlpInputs) -> Tensor:
+    row = x.post[x.position] * (x.W_out @ x.g)  # [d_mlp]
+    return at_position(row, x.position, x.post.shape[0])
+
+
+def neuron_act_times_grad(x: MlpInputs) -> Tensor:
+    return x.post * grad_or_fail(x.grad_post)
+
+
+METRICS: dict[tuple[NodeType, Group], Callable[..., Tensor]] = {
+    (NodeType.EMBEDDING, Group.ACTIVATION): embedding_activation,
+    (NodeType.EMBEDDING, Group.WRITE_NORM): embedding_write_norm,
+    (NodeType.EMBEDDING, Group.DIRECT_EFFECT): embedding_direct_effect,
+    (NodeType.EMBEDDING, Group.ACT_TIMES_GRAD): embedding_act_times_grad,
+    (NodeType.ATTENTION_HEAD, Group.ACTIVATION): head_activation,
+    (NodeType.ATTENTION_HEAD, Group.WRITE_NORM): head_write_norm,
+    (NodeType.ATTENTION_HEAD, Group.DIRECT_EFFECT): head_direct_effect,
+    (NodeType.ATTENTION_HEAD, Group.ACT_TIMES_GRAD): head_act_times_grad,
+    (NodeType.MLP_NEURON, Group.ACTIVATION): neuron_activation,
+    (NodeType.MLP_NEURON, Group.WRITE_NORM): neuron_write_norm,
+    (NodeType.MLP_NEURON, Group.DIRECT_EFFECT): neuron_direct_effect,
+    (NodeType.MLP_NEURON, Group.ACT_TIMES_GRAD): neuron_act_times_grad,
+}

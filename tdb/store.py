@@ -1,0 +1,167 @@
+"""The store of derived scalars: per node type, a block holding every metric's value per node.
+
+Two kinds of block, with one interface (flat values per metric; coordinates of flat indices;
+flat index of given coordinates):
+
+- `GridBlock`: every node of the type, values as the grid of `metrics.GRID_AXES` flattened.
+- `ListBlock`: an explicit list of nodes. The capture builds one when it ranks layer by layer and
+  keeps only each layer's top k / bottom k per metric (the "pruned" store): then the whole model's
+  T x T x head attention values never exist at once. A pruned block answers `topk` exactly for any
+  k up to the k it was pruned with, and knows every metric's value at every node it holds.
+
+NaN marks "not a node" (an attention pair with key after query); such entries never rank.
+Ties rank the node with the smaller coordinates (layer, token, key token, index) first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tdb.errors import TdbError
+from tdb.metrics import GRID_AXES, SIGNED_GROUPS, Group
+from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
+
+
+def ranked(values: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Flat indices of the k largest (or smallest) non-NaN values; ties: smaller index first.
+
+    >>> ranked(torch.tensor([1.0, 3.0, 3.0, float("nan")]), 2)  # tensor([1, 2])
+    """
+    signed = values if largest else -values
+    valid = ~torch.isnan(signed)
+    k = min(k, int(valid.sum()))
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    kth = torch.topk(signed.masked_fill(~valid, -math.inf), k).values[-1]
+    candidates = ((signed >= kth) & valid).nonzero().squeeze(1)  # ascending index
+    order = torch.sort(signed[candidates], descending=True, stable=True).indices
+    return candidates[order[:k]]
+
+
+@dataclass
+class GridBlock:
+    """All nodes of one type; `values[group]` is the flattened grid (see `metrics.GRID_AXES`)."""
+
+    node_type: NodeType
+    shape: tuple[int, ...]
+    values: dict[Group, Tensor]
+    pruned_k: int | None = None  # a grid is complete
+
+    def coords(self, flat: Tensor) -> Tensor:
+        return grid_coords(self.node_type, self.shape, flat)
+
+    def find(self, coords: Tensor) -> Tensor:
+        axes = GRID_AXES[self.node_type]
+        inside = torch.ones(len(coords), dtype=torch.bool)
+        for column, fixed in enumerate(NODE_TEMPLATE):
+            if column not in axes:
+                inside &= coords[:, column] == fixed
+        flat = torch.zeros(len(coords), dtype=torch.long)
+        for column, size in zip(axes, self.shape, strict=True):
+            inside &= (coords[:, column] >= 0) & (coords[:, column] < size)
+            flat = flat * size + coords[:, column].clamp(0, size - 1)
+        return torch.where(inside, flat, -1)
+
+
+def grid_coords(node_type: NodeType, shape: tuple[int, ...], flat: Tensor) -> Tensor:
+    """[n 4] node coordinates of flat indices into a grid of `node_type`."""
+    out = torch.tensor(NODE_TEMPLATE, dtype=torch.long).repeat(len(flat), 1)
+    axes = GRID_AXES[node_type]
+    for column, axis_coord in zip(axes, torch.unravel_index(flat, shape), strict=True):
+        out[:, column] = axis_coord
+    return out
+
+
+@dataclass
+class ListBlock:
+    """Some nodes of one type, in ascending coordinate order; `values[group]` is [n]."""
+
+    node_type: NodeType
+    node_coords: Tensor  # [n 4]
+    values: dict[Group, Tensor]
+    pruned_k: int | None = None
+    _lookup: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        order = lexicographic_order(self.node_coords)
+        self.node_coords = self.node_coords[order]
+        self.values = {g: v[order] for g, v in self.values.items()}
+        self._lookup = {tuple(row): i for i, row in enumerate(self.node_coords.tolist())}
+
+    def coords(self, flat: Tensor) -> Tensor:
+        return self.node_coords[flat]
+
+    def find(self, coords: Tensor) -> Tensor:
+        found = [self._lookup.get(tuple(row), -1) for row in coords.tolist()]
+        return torch.tensor(found, dtype=torch.long)
+
+
+def lexicographic_order(coords: Tensor) -> Tensor:
+    order = torch.arange(len(coords))
+    for column in reversed(range(coords.shape[1])):  # stable sorts, least significant first
+        order = order[torch.sort(coords[order, column], stable=True).indices]
+    return order
+
+
+NodeBlock = GridBlock | ListBlock
+
+
+@dataclass
+class ScalarStore:
+    """Derived scalars of one prompt, by node type. `store.topk(Group.DIRECT_EFFECT,
+    NodeType.MLP_NEURON, 5)`; `store.values_at(Group.ACTIVATION, [node])`."""
+
+    blocks: dict[NodeType, NodeBlock]
+
+    @property
+    def groups(self) -> list[Group]:
+        first = next(iter(self.blocks.values()), None)
+        return [] if first is None else list(first.values)
+
+    def block(self, node_type: NodeType) -> NodeBlock:
+        if node_type not in self.blocks:
+            raise TdbError(f"node type {node_type.value} is not in this store")
+        return self.blocks[node_type]
+
+    def topk(
+        self, group: Group, node_type: NodeType, k: int, largest: bool = True
+    ) -> tuple[list[NodeIndex], Tensor]:
+        """The k nodes of `node_type` with the largest (smallest) values of `group`."""
+        block = self.block(node_type)
+        check_pruned(block, group, k, largest)
+        flat = ranked(block.values[group], k, largest)
+        nodes = [NodeIndex.from_coords(node_type, row) for row in block.coords(flat)]
+        return nodes, block.values[group][flat]
+
+    def values_at(self, group: Group, nodes: list[NodeIndex]) -> Tensor:
+        """The value of `group` at each node (NaN where the store does not hold the node)."""
+        out = torch.full((len(nodes),), math.nan)
+        for node_type, block in self.blocks.items():
+            positions = [i for i, n in enumerate(nodes) if n.node_type is node_type]
+            if not positions:
+                continue
+            flat = block.find(coords_tensor([nodes[i] for i in positions]))
+            held = flat >= 0
+            rows = torch.tensor(positions, dtype=torch.long)
+            out[rows[held]] = block.values[group][flat[held]].float()
+        return out
+
+
+def check_pruned(block: NodeBlock, group: Group, k: int, largest: bool) -> None:
+    """A pruned block holds each layer's top k of every group and bottom k of signed groups."""
+    if block.pruned_k is None:
+        return
+    if not largest and group not in SIGNED_GROUPS:
+        raise TdbError(
+            f"the bottom k of {group.value} was not kept when {block.node_type.value} nodes "
+            "were pruned layer by layer: capture a dense store"
+        )
+    if k > block.pruned_k:
+        raise TdbError(
+            f"k={k} is larger than the k={block.pruned_k} this store was captured with "
+            f"({block.node_type.value} nodes were pruned layer by layer): capture again"
+        )
