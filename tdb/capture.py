@@ -53,32 +53,34 @@ class LayeredBlockBuilder:
     node_type: NodeType
     groups: Sequence[Group]
     prune_k: int | None
-    layers: dict[int, tuple[Tensor | None, dict[Group, Tensor]]] = field(default_factory=dict)
+    layers: dict[int, dict[Group, Tensor]] = field(default_factory=dict)
+    kept: dict[int, Tensor] = field(default_factory=dict)  # per layer, when pruning
     layer_shape: tuple[int, ...] = ()
 
     def add(self, layer: int, grids: dict[Group, Tensor]) -> None:
         self.layer_shape = tuple(grids[self.groups[0]].shape)
         flat = {g: v.flatten() for g, v in grids.items()}
         if self.prune_k is None:
-            self.layers[layer] = (None, flat)
+            self.layers[layer] = flat
             return
         keep = [ranked(flat[g], self.prune_k) for g in self.groups]
         keep += [ranked(flat[g], self.prune_k, largest=False) for g in self.signed_groups]
         kept = torch.unique(torch.cat(keep))  # ascending flat indices within the layer
-        self.layers[layer] = (kept, {g: v[kept] for g, v in flat.items()})
+        self.kept[layer] = kept
+        self.layers[layer] = {g: v[kept] for g, v in flat.items()}
 
     @property
     def signed_groups(self) -> list[Group]:
         return [g for g in self.groups if g in SIGNED_GROUPS]
 
     def build(self) -> NodeBlock:
-        per_layer = [self.layers[layer] for layer in sorted(self.layers)]
-        values = {g: torch.cat([v[g] for _, v in per_layer]) for g in self.groups}
-        shape = (len(per_layer), *self.layer_shape)
+        layers = sorted(self.layers)
+        values = {g: torch.cat([self.layers[layer][g] for layer in layers]) for g in self.groups}
+        shape = (len(layers), *self.layer_shape)
         if self.prune_k is None:
             return GridBlock(self.node_type, shape, values)
         layer_size = math.prod(self.layer_shape)
-        flat = torch.cat([kept + i * layer_size for i, (kept, _) in enumerate(per_layer)])  # type: ignore[operator]
+        flat = torch.cat([self.kept[layer] + layer * layer_size for layer in layers])
         coords = grid_coords(self.node_type, shape, flat)
         return ListBlock(self.node_type, coords, values, pruned_k=self.prune_k)
 
@@ -126,14 +128,14 @@ def capture(
     def finish_attention(layer: int, grad_probs: Tensor | None) -> None:
         probs = saved.pop((HookPoint.ATTN_PROBS, layer))[0].detach()
         v = saved.pop((HookPoint.V, layer))[0].detach()
-        W_O = model.blocks[layer].attn.W_O.detach()
+        W_O = model.block(layer).attn.W_O.detach()
         grad = None if grad_probs is None else grad_probs[0]
         inputs = AttentionInputs(probs, grad, v, W_O, g_holder[0], position)
         derive(NodeType.ATTENTION_HEAD, inputs, layer)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
         post = saved.pop((HookPoint.MLP_POST, layer))[0].detach()
-        W_out = model.blocks[layer].mlp.W_out.detach()
+        W_out = model.block(layer).mlp.W_out.detach()
         grad = None if grad_post is None else grad_post[0]
         derive(NodeType.MLP_NEURON, MlpInputs(post, grad, W_out, g_holder[0], position), layer)
 
@@ -147,7 +149,9 @@ def capture(
             saved[(point, layer)] = x
             if needs_grad and point in finishers and layer is not None:
                 finish = finishers[point]
-                x.register_hook(lambda grad: finish(layer, grad))
+                # Called once, in the backward pass, with d(direction)/dx; the tensor and this
+                # hook die with the graph, so nothing outlives the call. (torch leaves it untyped.)
+                x.register_hook(lambda grad: finish(layer, grad))  # type: ignore[no-untyped-call]
 
         return hook
 

@@ -89,7 +89,10 @@ def config_from_hf(hf: dict[str, object], where: Path) -> GPT2Config:
         raise TdbError(f"{where}: scale_attn_weights=false is not supported")
 
     def num(key: str) -> int:
-        return int(hf[key])  # type: ignore[call-overload]
+        value = hf[key]
+        if not isinstance(value, int):
+            raise TdbError(f"{where}/config.json: {key} must be an integer, got {value!r}")
+        return value
 
     d_model = num("n_embd")
     return GPT2Config(
@@ -98,8 +101,8 @@ def config_from_hf(hf: dict[str, object], where: Path) -> GPT2Config:
         d_model=d_model,
         n_layer=num("n_layer"),
         n_head=num("n_head"),
-        d_mlp=int(hf.get("n_inner") or 4 * d_model),  # type: ignore[call-overload]
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),  # type: ignore[arg-type]
+        d_mlp=num("n_inner") if hf.get("n_inner") is not None else 4 * d_model,
+        layer_norm_eps=float(str(hf.get("layer_norm_epsilon", 1e-5))),
         tie_unembed=bool(hf.get("tie_word_embeddings", True)),
         activation=activation,
         scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),

@@ -58,7 +58,9 @@ def run_nodes(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.token_ids is None):
         raise TdbError("give the prompt either as text or with --token-ids, exactly one of them")
     target = resolve_choice(args.target, args.target_id, "--target", "--target-id")
-    distractor = resolve_choice(args.distractor, args.distractor_id, "--distractor", "--distractor-id")
+    distractor = resolve_choice(
+        args.distractor, args.distractor_id, "--distractor", "--distractor-id"
+    )
     prompt = args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids")
 
     from tdb.checkpoint import load_model  # imported late: --help and bad flags answer at once

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from torch import Tensor
 
 
-class HookPoint(str, Enum):
+class HookPoint(StrEnum):
     """Every location of the forward pass a researcher can read or change.
 
     Shapes (batch first; `layer` is passed to the hook, not part of the tensor):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from jaxtyping import Float
@@ -25,7 +25,7 @@ from torch import Tensor
 from tdb.nodes import INDEX, KEY_TOKEN, LAYER, TOKEN, NodeType
 
 
-class Group(str, Enum):
+class Group(StrEnum):
     """A metric: one column of the node table, comparable across node types."""
 
     ACTIVATION = "activation"
@@ -103,7 +103,7 @@ def embedding_activation(x: EmbeddingInputs) -> Tensor:
 
 
 def embedding_write_norm(x: EmbeddingInputs) -> Tensor:
-    return x.resid.norm(dim=-1)
+    return x.resid.pow(2).sum(dim=-1).sqrt()
 
 
 def embedding_direct_effect(x: EmbeddingInputs) -> Tensor:
@@ -122,7 +122,8 @@ def head_activation(x: AttentionInputs) -> Tensor:
 
 
 def head_write_norm(x: AttentionInputs) -> Tensor:
-    value_write_norm = torch.einsum("khe,hed->khd", x.v, x.W_O).norm(dim=-1)  # [key_pos head]
+    value_writes = torch.einsum("khe,hed->khd", x.v, x.W_O)  # [key_pos head d_model]
+    value_write_norm = value_writes.pow(2).sum(dim=-1).sqrt()  # [key_pos head]
     return not_a_node(x.probs.permute(1, 2, 0) * value_write_norm[None])
 
 
@@ -144,7 +145,7 @@ def neuron_activation(x: MlpInputs) -> Tensor:
 
 
 def neuron_write_norm(x: MlpInputs) -> Tensor:
-    return x.post.abs() * x.W_out.norm(dim=-1)
+    return x.post.abs() * x.W_out.pow(2).sum(dim=-1).sqrt()
 
 
 def neuron_direct_effect(x: MlpInputs) -> Tensor:

@@ -12,6 +12,7 @@ and to the Hugging Face layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
@@ -145,7 +146,8 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """GPT-2 with hook points. Load a checkpoint with `tdb.checkpoint.load_model`.
 
-    >>> model = GPT2(GPT2Config(d_vocab=4096, n_ctx=128, d_model=256, n_layer=3, n_head=8, d_mlp=1024))
+    >>> config = GPT2Config(d_vocab=4096, n_ctx=128, d_model=256, n_layer=3, n_head=8, d_mlp=1024)
+    >>> model = GPT2(config)
     >>> logits = model(torch.tensor([[1, 2, 3]]))  # [batch pos d_vocab]
     """
 
@@ -157,7 +159,9 @@ class GPT2(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN_FINAL_SCALE)
         self.W_U = (
-            None if config.tie_unembed else nn.Parameter(torch.empty(config.d_model, config.d_vocab))
+            None
+            if config.tie_unembed
+            else nn.Parameter(torch.empty(config.d_model, config.d_vocab))
         )
         self.init_weights()
 
@@ -171,6 +175,11 @@ class GPT2(nn.Module):
                     p.normal_(0.0, out_std, generator=generator)
                 elif name.split(".")[-1].startswith("W_"):
                     p.normal_(0.0, std, generator=generator)
+
+    def block(self, layer: int) -> Block:
+        block = self.blocks[layer]
+        assert isinstance(block, Block)
+        return block
 
     @property
     def unembed(self) -> Float[Tensor, "d_model d_vocab"]:
@@ -189,9 +198,9 @@ class GPT2(nn.Module):
         `attention_mask` (True = may attend) is combined with the causal mask; with
         `position_ids` it packs several documents into one row.
         """
-        _, n_pos = tokens.shape
+        batch, n_pos = tokens.shape
         if position_ids is None:
-            position_ids = torch.arange(n_pos, device=tokens.device)[None]
+            position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=tokens.device).tril()[None]
         mask = causal if attention_mask is None else causal & attention_mask
 

@@ -1,15 +1,15 @@
 """Node types, node indices, and the short ids every command accepts wherever a node is expected.
 
-    n1.234@5     MLP neuron 234 of layer 1 at token 5
-    h2.3@7:4     attention head 3 of layer 2, query token 7, key token 4
-    e@5          the embedding at token 5 (token + position embedding)
+n1.234@5     MLP neuron 234 of layer 1 at token 5
+h2.3@7:4     attention head 3 of layer 2, query token 7, key token 4
+e@5          the embedding at token 5 (token + position embedding)
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch import Tensor
 from tdb.errors import TdbError
 
 
-class NodeType(str, Enum):
+class NodeType(StrEnum):
     EMBEDDING = "embedding"
     ATTENTION_HEAD = "attention_head"
     MLP_NEURON = "mlp_neuron"

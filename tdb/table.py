@@ -1,9 +1,9 @@
 """The node table: the Python API that turns a prompt and a direction into ranked nodes.
 
-    loaded = load_model()                       # the demo model
-    table = node_table(loaded, "When Mary and John went to the store, John gave a drink to",
-                       target=" Mary", distractor=" John", k=10)
-    table.to_json(); table.to_dataframe()
+loaded = load_model()                       # the demo model
+table = node_table(loaded, "When Mary and John went to the store, John gave a drink to",
+                   target=" Mary", distractor=" John", k=10)
+table.to_json(); table.to_dataframe()
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class NodeTable:
         """The schema other tools rely on (see docs/node-table.md)."""
         return {
             "tokens": [
-                {"id": t, "text": text} for t, text in zip(self.tokens, self.token_texts, strict=True)
+                {"id": t, "text": text}
+                for t, text in zip(self.tokens, self.token_texts, strict=True)
             ],
             "direction": self.direction.to_json()
             | {

@@ -57,6 +57,8 @@ def make_checkpoint(
         n_inner=n_inner,
         tie_word_embeddings=tie_word_embeddings,
         activation_function=activation_function,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
