@@ -29,6 +29,7 @@ from tdb.metrics import (
     EmbeddingInputs,
     Group,
     MlpInputs,
+    node_mask,
 )
 from tdb.model import GPT2
 from tdb.nodes import NodeType
@@ -56,16 +57,25 @@ class LayeredBlockBuilder:
     layers: dict[int, dict[Group, Tensor]] = field(default_factory=dict)
     kept: dict[int, Tensor] = field(default_factory=dict)  # per layer, when pruning
     layer_shape: tuple[int, ...] = ()
+    nodes: Tensor | None = None  # [layer grid, flat] True where an entry is a node (None: all)
 
     def add(self, layer: int, grids: dict[Group, Tensor]) -> None:
-        self.layer_shape = tuple(grids[self.groups[0]].shape)
+        if not self.layer_shape:
+            self.layer_shape = tuple(grids[self.groups[0]].shape)
+            mask = node_mask(self.node_type, self.layer_shape)
+            self.nodes = None if mask is None else mask.flatten()
         flat = {g: v.flatten() for g, v in grids.items()}
-        if self.prune_k is None:
+        if self.prune_k is None:  # keep the whole grid; entries that are not nodes become NaN
+            if self.nodes is not None:
+                flat = {g: v.masked_fill(~self.nodes, math.nan) for g, v in flat.items()}
             self.layers[layer] = flat
             return
-        keep = [ranked(flat[g], self.prune_k) for g in self.groups]
-        keep += [ranked(flat[g], self.prune_k, largest=False) for g in self.signed_groups]
-        kept = torch.unique(torch.cat(keep))  # ascending flat indices within the layer
+        keep = [ranked(flat[g], self.prune_k, valid=self.nodes) for g in self.groups]
+        keep += [
+            ranked(flat[g], self.prune_k, largest=False, valid=self.nodes)
+            for g in self.signed_groups
+        ]
+        kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
         self.kept[layer] = kept
         self.layers[layer] = {g: v[kept] for g, v in flat.items()}
 

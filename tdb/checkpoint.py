@@ -186,9 +186,10 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     except json.JSONDecodeError as e:
         raise TdbError(f"{config_file}: not valid JSON ({e})") from None
     config = config_from_hf(hf_config, directory)
-    model = GPT2(config)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GPT2(config)
     try:
-        model.load_state_dict(state_dict_from_hf(read_weights(directory), config))
+        model.load_state_dict(state_dict_from_hf(read_weights(directory), config), assign=True)
     except KeyError as e:
         raise TdbError(f"{directory}: weights are missing tensor {e}") from None
     model.requires_grad_(False).eval()

@@ -4,7 +4,8 @@ Every function reads one layer's worth of captured tensors and returns one value
 layer, in the node type's grid layout:
 
     embedding       [pos]
-    attention_head  [query_pos key_pos head]   (pairs with key > query are not nodes: NaN)
+    attention_head  [head query_pos key_pos]   (pairs with key > query are not nodes, see
+                                                 `node_mask`; their values are never read)
     mlp_neuron      [pos d_mlp]
 
 `g` is the gradient of the direction with respect to the residual stream at the direction's
@@ -43,7 +44,7 @@ NEEDS_GRADIENT = frozenset({Group.ACT_TIMES_GRAD})
 # Which node coordinate each grid axis holds, per node type.
 GRID_AXES: dict[NodeType, tuple[int, ...]] = {
     NodeType.EMBEDDING: (TOKEN,),
-    NodeType.ATTENTION_HEAD: (LAYER, TOKEN, KEY_TOKEN, INDEX),
+    NodeType.ATTENTION_HEAD: (LAYER, INDEX, TOKEN, KEY_TOKEN),
     NodeType.MLP_NEURON: (LAYER, TOKEN, INDEX),
 }
 
@@ -82,11 +83,13 @@ def at_position(row: Tensor, position: int, n_pos: int) -> Tensor:
     return out
 
 
-def not_a_node(values: Float[Tensor, "query_pos key_pos head"]) -> Tensor:
-    """Mark (query, key) pairs with key after query as non-nodes (NaN)."""
-    n_pos = values.shape[0]
-    future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=values.device).triu(1)
-    return values.masked_fill(future[:, :, None], float("nan"))
+def node_mask(node_type: NodeType, layer_shape: tuple[int, ...]) -> Tensor | None:
+    """Which entries of one layer's grid are nodes (None: all). Heads: key <= query only."""
+    if node_type is not NodeType.ATTENTION_HEAD:
+        return None
+    n_head, n_pos, _ = layer_shape
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [query_pos key_pos]
+    return causal.expand(n_head, n_pos, n_pos)
 
 
 def grad_or_fail(grad: Tensor | None) -> Tensor:
@@ -118,23 +121,24 @@ def embedding_act_times_grad(x: EmbeddingInputs) -> Tensor:
 
 
 def head_activation(x: AttentionInputs) -> Tensor:
-    return not_a_node(x.probs.permute(1, 2, 0))
+    return x.probs
 
 
 def head_write_norm(x: AttentionInputs) -> Tensor:
     value_writes = torch.einsum("khe,hed->khd", x.v, x.W_O)  # [key_pos head d_model]
     value_write_norm = value_writes.pow(2).sum(dim=-1).sqrt()  # [key_pos head]
-    return not_a_node(x.probs.permute(1, 2, 0) * value_write_norm[None])
+    return x.probs * value_write_norm.T[:, None, :]
 
 
 def head_direct_effect(x: AttentionInputs) -> Tensor:
     value_write_g = torch.einsum("khe,hed,d->kh", x.v, x.W_O, x.g)  # [key_pos head]
-    row = x.probs[:, x.position].T * value_write_g  # [key_pos head]
-    return not_a_node(at_position(row, x.position, x.probs.shape[1]))
+    out = torch.zeros_like(x.probs)
+    out[:, x.position] = x.probs[:, x.position] * value_write_g.T  # [head key_pos]
+    return out
 
 
 def head_act_times_grad(x: AttentionInputs) -> Tensor:
-    return not_a_node((x.probs * grad_or_fail(x.grad_probs)).permute(1, 2, 0))
+    return x.probs * grad_or_fail(x.grad_probs)
 
 
 # --- MLP neurons: activation a, write vector a · W_out[neuron] -------------------------------

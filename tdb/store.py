@@ -10,7 +10,8 @@ flat index of given coordinates):
   k up to the k it was pruned with, and knows every metric's value at every node it holds.
 
 NaN marks "not a node" (an attention pair with key after query); such entries never rank.
-Ties rank the node with the smaller coordinates (layer, token, key token, index) first.
+Ties rank the node that comes first in grid order (layer, then the node type's grid axes of
+`metrics.GRID_AXES`) first, in both kinds of block.
 """
 
 from __future__ import annotations
@@ -26,17 +27,29 @@ from tdb.metrics import GRID_AXES, SIGNED_GROUPS, Group
 from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
 
 
-def ranked(values: Tensor, k: int, largest: bool = True) -> Tensor:
-    """Flat indices of the k largest (or smallest) non-NaN values; ties: smaller index first.
+def ranked(values: Tensor, k: int, largest: bool = True, valid: Tensor | None = None) -> Tensor:
+    """Flat indices of the k largest (or smallest) values; ties: smaller index first.
+
+    Entries that are NaN, or False in `valid`, are not nodes and never rank.
 
     >>> ranked(torch.tensor([1.0, 3.0, 3.0, float("nan")]), 2)  # tensor([1, 2])
     """
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    # Fast path: torch.topk orders ties arbitrarily and ranks NaN above everything, so its answer
+    # stands as is only when the k winners and the first loser are distinct numbers and nodes.
+    if k < len(values):
+        top = torch.topk(values, k + 1, largest=largest)
+        ordered = top.values[:-1] > top.values[1:] if largest else top.values[:-1] < top.values[1:]
+        if bool(ordered.all()) and (valid is None or bool(valid[top.indices].all())):
+            return top.indices[:k]  # (a NaN makes `ordered` False)
     signed = values if largest else -values
-    valid = ~torch.isnan(signed)
+    valid = ~torch.isnan(signed) if valid is None else valid & ~torch.isnan(signed)
     k = min(k, int(valid.sum()))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    kth = torch.topk(signed.masked_fill(~valid, -math.inf), k).values[-1]
+    signed = signed.masked_fill(~valid, -math.inf)
+    kth = torch.topk(signed, k).values[-1]
     candidates = ((signed >= kth) & valid).nonzero().squeeze(1)  # ascending index
     order = torch.sort(signed[candidates], descending=True, stable=True).indices
     return candidates[order[:k]]
@@ -78,7 +91,7 @@ def grid_coords(node_type: NodeType, shape: tuple[int, ...], flat: Tensor) -> Te
 
 @dataclass
 class ListBlock:
-    """Some nodes of one type, in ascending coordinate order; `values[group]` is [n]."""
+    """Some nodes of one type, in grid order; `values[group]` is [n]."""
 
     node_type: NodeType
     node_coords: Tensor  # [n 4]
@@ -87,9 +100,6 @@ class ListBlock:
     _lookup: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        order = lexicographic_order(self.node_coords)
-        self.node_coords = self.node_coords[order]
-        self.values = {g: v[order] for g, v in self.values.items()}
         self._lookup = {tuple(row): i for i, row in enumerate(self.node_coords.tolist())}
 
     def coords(self, flat: Tensor) -> Tensor:
@@ -98,13 +108,6 @@ class ListBlock:
     def find(self, coords: Tensor) -> Tensor:
         found = [self._lookup.get(tuple(row), -1) for row in coords.tolist()]
         return torch.tensor(found, dtype=torch.long)
-
-
-def lexicographic_order(coords: Tensor) -> Tensor:
-    order = torch.arange(len(coords))
-    for column in reversed(range(coords.shape[1])):  # stable sorts, least significant first
-        order = order[torch.sort(coords[order, column], stable=True).indices]
-    return order
 
 
 NodeBlock = GridBlock | ListBlock

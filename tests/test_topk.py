@@ -21,7 +21,7 @@ from tdb.topk import absolute, keep_token, multi_group_topk
 
 SHAPES = {
     NodeType.EMBEDDING: (5,),
-    NodeType.ATTENTION_HEAD: (2, 5, 5, 3),
+    NodeType.ATTENTION_HEAD: (2, 3, 5, 5),  # [layer head query_pos key_pos]
     NodeType.MLP_NEURON: (2, 5, 4),
 }
 
@@ -38,7 +38,7 @@ def random_store(seed: int, ties: bool) -> ScalarStore:
             else:
                 v = torch.randn(shape, generator=gen)
             if node_type is NodeType.ATTENTION_HEAD:  # key after query: not a node
-                future = torch.ones(5, 5, dtype=torch.bool).triu(1)[None, :, :, None]
+                future = torch.ones(5, 5, dtype=torch.bool).triu(1)[None, None]
                 v = v.masked_fill(future.expand(shape), math.nan)
             values[group] = v.flatten()
         blocks[node_type] = GridBlock(node_type, shape, values)
@@ -46,7 +46,7 @@ def random_store(seed: int, ties: bool) -> ScalarStore:
 
 
 def every_node(store: ScalarStore) -> list[tuple[NodeIndex, dict[Group, float]]]:
-    """All nodes with their values, by plain Python iteration over the grids."""
+    """All nodes with their values, in grid order (the tie-break), by plain iteration."""
     out = []
     for node_type, block in store.blocks.items():
         for flat in range(len(block.values[Group.ACTIVATION])):
@@ -63,12 +63,12 @@ def brute_force(store: ScalarStore, groups: list[Group], k: int) -> list[NodeInd
     union: list[NodeIndex] = []
     for group in groups:
         for node_type in store.blocks:
-            of_type = [(n, v) for n, v in nodes if n.node_type is node_type]
-            top = sorted(of_type, key=lambda nv: (-nv[1][group], nv[0].coords()))[:k]
-            ranked_nodes = [n for n, _ in top]
+            of_type = [(i, n, v) for i, (n, v) in enumerate(nodes) if n.node_type is node_type]
+            top = sorted(of_type, key=lambda inv: (-inv[2][group], inv[0]))[:k]
+            ranked_nodes = [n for _, n, _ in top]
             if group in SIGNED_GROUPS:
-                bottom = sorted(of_type, key=lambda nv: (nv[1][group], nv[0].coords()))[:k]
-                ranked_nodes += [n for n, _ in bottom]
+                bottom = sorted(of_type, key=lambda inv: (inv[2][group], inv[0]))[:k]
+                ranked_nodes += [n for _, n, _ in bottom]
             for n in ranked_nodes:
                 if n not in union:
                     union.append(n)
