@@ -16,7 +16,7 @@ from tdb.direction import LogitDiff
 from tdb.errors import TdbError
 from tdb.metrics import ALL_GROUPS, SIGNED_GROUPS, Group
 from tdb.nodes import NodeIndex, NodeType
-from tdb.store import GridBlock, ScalarStore, ranked
+from tdb.store import GridBlock, ScalarStore, chunked_topk, ranked
 from tdb.topk import absolute, keep_token, multi_group_topk
 
 SHAPES = {
@@ -156,3 +156,25 @@ def test_pruned_capture_gives_the_same_table_as_the_dense_one(tmp_path: Path, k:
         torch.testing.assert_close(a.values[group], b.values[group])
     with pytest.raises(TdbError, match="larger than the k"):
         multi_group_topk(pruned.store, list(ALL_GROUPS), k + 1)
+
+
+@pytest.mark.parametrize("n", [10, (1 << 15) * 3, (1 << 15) * 3 + 17])
+@pytest.mark.parametrize("largest", [True, False])
+def test_chunked_topk_equals_a_sort(n: int, largest: bool) -> None:
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    top_values, top_indices = chunked_topk(values, 7, largest)
+    expected = sorted(values.tolist(), reverse=largest)[:7]
+    assert top_values.tolist() == expected
+    assert values[top_indices].tolist() == expected
+
+
+def test_ranked_on_long_tensors_with_ties_and_masks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(-5, 6, (100_000,), generator=gen).float()
+    valid = torch.rand(100_000, generator=gen) > 0.3
+    for largest in (True, False):
+        got = ranked(values, 25, largest, valid).tolist()
+        candidates = [i for i in range(len(values)) if valid[i]]
+        sign = -1 if largest else 1
+        expected = sorted(candidates, key=lambda i: (sign * float(values[i]), i))[:25]
+        assert got == expected
