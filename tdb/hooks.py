@@ -72,3 +72,25 @@ class Hooks:
 
 
 NO_HOOKS = Hooks()
+
+
+def compose(first: Hooks, then: Hooks) -> Hooks:
+    """Hooks that run `first`'s hook at each point, then `then`'s on its result.
+
+    >>> compose(ablation_hooks, capture_hooks)
+    """
+    fns = dict(first.fns)
+    for point, fn in then.fns.items():
+        earlier = fns.get(point)
+        fns[point] = fn if earlier is None else _chain(earlier, fn)
+    return Hooks(fns)
+
+
+def _chain(a: HookFn, b: HookFn) -> HookFn:
+    def both(x: Tensor, layer: int | None) -> Tensor | None:
+        out = a(x, layer)
+        x = x if out is None else out
+        out = b(x, layer)
+        return x if out is None else out
+
+    return both

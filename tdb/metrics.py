@@ -50,11 +50,19 @@ GRID_AXES: dict[NodeType, tuple[int, ...]] = {
 
 
 @dataclass(frozen=True)
+class ReadOut:
+    """Where the direction reads the residual stream, and its gradient there: a write vector w
+    at `positions[i]` changes the direction by exactly w · g[i] (reading norms' scales fixed)."""
+
+    positions: tuple[int, ...]
+    g: Float[Tensor, "read_pos d_model"]
+
+
+@dataclass(frozen=True)
 class EmbeddingInputs:
     resid: Float[Tensor, "pos d_model"]  # token + position embedding
     grad: Float[Tensor, "pos d_model"] | None  # dD/d(resid)
-    g: Float[Tensor, " d_model"]
-    position: int
+    read: ReadOut
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,7 @@ class AttentionInputs:
     grad_probs: Float[Tensor, "head query_pos key_pos"] | None
     v: Float[Tensor, "pos head d_head"]  # value bias included
     W_O: Float[Tensor, "head d_head d_model"]
-    g: Float[Tensor, " d_model"]
-    position: int
+    read: ReadOut
 
 
 @dataclass(frozen=True)
@@ -72,24 +79,20 @@ class MlpInputs:
     post: Float[Tensor, "pos d_mlp"]
     grad_post: Float[Tensor, "pos d_mlp"] | None
     W_out: Float[Tensor, "d_mlp d_model"]
-    g: Float[Tensor, " d_model"]
-    position: int
+    read: ReadOut
 
 
-def at_position(row: Tensor, position: int, n_pos: int) -> Tensor:
-    """A [pos ...] tensor that is `row` at `position` and zero elsewhere."""
-    out = row.new_zeros((n_pos, *row.shape))
-    out[position] = row
-    return out
-
-
-def node_mask(node_type: NodeType, layer_shape: tuple[int, ...]) -> Tensor | None:
-    """Which entries of one layer's grid are nodes (None: all). Heads: key <= query only."""
-    if node_type is not NodeType.ATTENTION_HEAD:
-        return None
-    n_head, n_pos, _ = layer_shape
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [query_pos key_pos]
-    return causal.expand(n_head, n_pos, n_pos)
+def node_mask(node_type: NodeType, layer_shape: tuple[int, ...], last_token: int) -> Tensor:
+    """Which entries of one layer's grid are nodes that can affect the direction: tokens up to
+    `last_token` (the last one it reads), and for heads key <= query."""
+    if node_type is NodeType.ATTENTION_HEAD:
+        n_head, n_pos, _ = layer_shape
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [query_pos key_pos]
+        causal[last_token + 1 :] = False
+        return causal.expand(n_head, n_pos, n_pos)
+    mask = torch.ones(layer_shape, dtype=torch.bool)
+    mask[last_token + 1 :] = False  # [pos ...]
+    return mask
 
 
 def grad_or_fail(grad: Tensor | None) -> Tensor:
@@ -110,7 +113,10 @@ def embedding_write_norm(x: EmbeddingInputs) -> Tensor:
 
 
 def embedding_direct_effect(x: EmbeddingInputs) -> Tensor:
-    return at_position(x.resid[x.position] @ x.g, x.position, x.resid.shape[0])
+    out = x.resid.new_zeros(x.resid.shape[0])
+    positions = list(x.read.positions)
+    out[positions] = (x.resid[positions] * x.read.g).sum(dim=-1)
+    return out
 
 
 def embedding_act_times_grad(x: EmbeddingInputs) -> Tensor:
@@ -131,9 +137,10 @@ def head_write_norm(x: AttentionInputs) -> Tensor:
 
 
 def head_direct_effect(x: AttentionInputs) -> Tensor:
-    value_write_g = torch.einsum("khe,hed,d->kh", x.v, x.W_O, x.g)  # [key_pos head]
     out = torch.zeros_like(x.probs)
-    out[:, x.position] = x.probs[:, x.position] * value_write_g.T  # [head key_pos]
+    for query, g in zip(x.read.positions, x.read.g, strict=True):
+        value_write_g = torch.einsum("khe,he->hk", x.v, x.W_O @ g)  # [head key_pos]
+        out[:, query] = x.probs[:, query] * value_write_g
     return out
 
 
@@ -153,8 +160,10 @@ def neuron_write_norm(x: MlpInputs) -> Tensor:
 
 
 def neuron_direct_effect(x: MlpInputs) -> Tensor:
-    row = x.post[x.position] * (x.W_out @ x.g)  # [d_mlp]
-    return at_position(row, x.position, x.post.shape[0])
+    out = torch.zeros_like(x.post)
+    positions = list(x.read.positions)
+    out[positions] = x.post[positions] * (x.read.g @ x.W_out.T)  # [read_pos d_mlp]
+    return out
 
 
 def neuron_act_times_grad(x: MlpInputs) -> Tensor:

@@ -104,6 +104,17 @@ class Attention(nn.Module):
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
 
+    def head_logit(
+        self, x_query: Float[Tensor, " d_model"], x_key: Float[Tensor, " d_model"], head: int
+    ) -> Float[Tensor, ""]:
+        """One head's attention logit from the (normalised) query and key residual streams."""
+        q = x_query @ self.W_Q[head] + self.b_Q[head]
+        k = x_key @ self.W_K[head] + self.b_K[head]
+        return (q @ k) * self.score_scale
+
+    def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
+        return x_key @ self.W_V[head] + self.b_V[head]
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:

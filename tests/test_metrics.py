@@ -90,8 +90,9 @@ def test_every_metric_of_every_node_matches_the_reference(
     assert cap.direction_value == pytest.approx(ref.value, abs=1e-5)
 
     nodes = all_nodes(cap.store)
-    n, h, m, layers = len(TOKENS), hf_model.config.n_head, model.config.d_mlp, model.config.n_layer
-    assert len(nodes) == n + layers * h * n * (n + 1) // 2 + layers * n * m  # key <= query only
+    n, h, m, layers = position + 1, hf_model.config.n_head, model.config.d_mlp, model.config.n_layer
+    # Only tokens up to the position can affect the direction; for heads, key <= query only.
+    assert len(nodes) == n + layers * h * n * (n + 1) // 2 + layers * n * m
     checked: set[tuple[NodeType, Group]] = set()
     for group in ALL_GROUPS:
         ours = cap.store.values_at(group, nodes)
