@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -58,7 +57,8 @@ FINAL = ReadPoint(HookPoint.RESID_FINAL, None)
 
 
 class Direction(Protocol):
-    kind: str
+    @property
+    def kind(self) -> str: ...
 
     @property
     def read_point(self) -> ReadPoint: ...
@@ -77,7 +77,8 @@ class Direction(Protocol):
 
 
 def final_logits(model: GPT2, resid: Tensor, position: int) -> Float[Tensor, " d_vocab"]:
-    return model.ln_f(resid[position][None, None], FROZEN_SCALES)[0, 0] @ model.unembed
+    normed: Tensor = model.ln_f(resid[position][None, None], FROZEN_SCALES)[0, 0]
+    return normed @ model.unembed
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class AttentionLogit:
 
     def read(self, model: GPT2, resid: Tensor) -> Tensor:
         block = model.block(self.layer)
-        x = block.ln_1(resid[[self.query, self.key]][None], FROZEN_SCALES)[0]  # [2 d_model]
+        x: Tensor = block.ln_1(resid[[self.query, self.key]][None], FROZEN_SCALES)[0]  # [2 d_model]
         x_query = x[0] if "q" in self.through else x[0].detach()
         x_key = x[1] if "k" in self.through else x[1].detach()
         return block.attn.head_logit(x_query, x_key, self.head)

@@ -26,7 +26,6 @@ from tdb.errors import TdbError
 from tdb.metrics import GRID_AXES, SIGNED_GROUPS, Group
 from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
 
-
 CHUNK = 1 << 15
 
 
@@ -40,7 +39,9 @@ def chunked_topk(values: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]
     rows = torch.topk(values[:n_full].view(-1, CHUNK), k, dim=1, largest=largest)
     offsets = torch.arange(0, n_full, CHUNK)[:, None]
     cand_values = torch.cat([rows.values.flatten(), values[n_full:]])
-    cand_indices = torch.cat([(rows.indices + offsets).flatten(), torch.arange(n_full, len(values))])
+    cand_indices = torch.cat(
+        [(rows.indices + offsets).flatten(), torch.arange(n_full, len(values))]
+    )
     top = torch.topk(cand_values, k, largest=largest)
     return top.values, cand_indices[top.indices]
 
