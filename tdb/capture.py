@@ -220,3 +220,26 @@ def capture(
         if builder.layers:
             blocks[node_type] = builder.build()
     return Capture(ScalarStore(blocks), float(value.detach()), logits.detach())
+
+
+def direction_value(
+    model: GPT2, tokens: Int[Tensor, " pos"], direction: Direction, hooks: Hooks = NO_HOOKS
+) -> float:
+    """The direction's value after one forward pass (no gradients), e.g. under an ablation.
+
+    >>> direction_value(model, tokens, direction, ablation_hooks(model, tokens, ablations))
+    """
+    read_point = direction.read_point
+    saved: list[Tensor] = []
+
+    def keep(x: Tensor, layer: int | None) -> None:
+        if layer == read_point.layer:
+            saved.append(x)
+
+    with torch.no_grad():
+        model(
+            tokens[None],
+            compose(hooks, Hooks({read_point.hook: keep})),
+            logit_positions=torch.tensor([direction.position]),
+        )
+        return float(direction.read(model, saved[0][0]))

@@ -1,0 +1,127 @@
+"""Token views: which vocabulary tokens a prompt's logits or a node's write vector favour, which
+prompt tokens excite a neuron, and where (per token) the estimated total effect sits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tdb.ablation import Ablation, record
+from tdb.hooks import HookPoint
+from tdb.metrics import Group
+from tdb.model import GPT2
+from tdb.nodes import NodeIndex, NodeType
+from tdb.store import GridBlock, ScalarStore
+from tdb.tokens import Tokenizer
+
+
+def ranked_tokens(
+    scores: Float[Tensor, " d_vocab"], tokenizer: Tokenizer, n: int, largest: bool
+) -> list[dict[str, object]]:
+    top = torch.topk(scores, min(n, len(scores)), largest=largest)
+    return [
+        {"id": int(i), "text": tokenizer.token_text(int(i)), "value": float(v)}
+        for v, i in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def logit_view(
+    logits: Float[Tensor, " d_vocab"], tokenizer: Tokenizer, pinned: Sequence[int], n: int = 100
+) -> dict[str, object]:
+    """The top and bottom n next-token logits, and the pinned tokens (target, distractor) with
+    their rank (0 = highest logit).
+
+    >>> logit_view(capture.logits, tokenizer, pinned=[mary, john])
+    """
+    order = torch.argsort(logits, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return {
+        "top": ranked_tokens(logits, tokenizer, n, largest=True),
+        "bottom": ranked_tokens(logits, tokenizer, n, largest=False),
+        "pinned": [
+            {
+                "id": t,
+                "text": tokenizer.token_text(t),
+                "value": float(logits[t]),
+                "rank": int(rank[t]),
+            }
+            for t in pinned
+        ],
+    }
+
+
+def write_vector(model: GPT2, tokens: Sequence[int], node: NodeIndex) -> Float[Tensor, " d_model"]:
+    """What the node writes into the residual stream on this prompt, computed explicitly."""
+    ablation = Ablation(node)  # only for where the node's activation lives
+    if node.node_type is NodeType.EMBEDDING:
+        return record(model, [tokens], {ablation.site})[ablation.site][0][node.token]
+    assert node.layer is not None
+    if node.node_type is NodeType.MLP_NEURON:
+        post = record(model, [tokens], {ablation.site})[ablation.site][0]
+        return post[node.token, node.index] * model.block(node.layer).mlp.W_out[node.index]
+    sites: set[tuple[HookPoint, int | None]] = {
+        (HookPoint.ATTN_PROBS, node.layer),
+        (HookPoint.V, node.layer),
+    }
+    recorded = record(model, [tokens], sites)
+    probs, v = (
+        recorded[(HookPoint.ATTN_PROBS, node.layer)][0],
+        recorded[(HookPoint.V, node.layer)][0],
+    )
+    W_O = model.block(node.layer).attn.W_O[node.index]
+    keys = range(node.token + 1) if node.key_token is None else [node.key_token]
+    return sum(probs[node.index, node.token, k] * v[k, node.index] @ W_O for k in keys)  # type: ignore[return-value]
+
+
+def node_view(
+    model: GPT2, tokenizer: Tokenizer, tokens: Sequence[int], node: NodeIndex, n: int = 10
+) -> dict[str, object]:
+    """The vocabulary tokens the node's write vector promotes and suppresses (through the final
+    layer norm's gain and the unembedding, mean-centred) and, for an MLP neuron, the prompt's
+    tokens ranked by its activation."""
+    write = write_vector(model, tokens, node)
+    scores = (write * model.ln_f.w) @ model.unembed  # [d_vocab]
+    scores = scores - scores.mean()
+    view: dict[str, object] = {
+        "id": node.id,
+        "promotes": ranked_tokens(scores, tokenizer, n, largest=True),
+        "suppresses": ranked_tokens(scores, tokenizer, n, largest=False),
+    }
+    if node.node_type is NodeType.MLP_NEURON:
+        site = Ablation(node).site
+        post = record(model, [tokens], {site})[site][0][:, node.index]  # [pos]
+        order = torch.argsort(post, descending=True, stable=True)[:n]
+        view["exciting_tokens"] = [
+            {"token": int(t), "text": tokenizer.token_text(tokens[int(t)]), "value": float(post[t])}
+            for t in order
+        ]
+    return view
+
+
+def effect_by_token(store: ScalarStore, n_pos: int) -> dict[str, list[float]]:
+    """Per prompt token, sums of estimated total effect (act × grad): embeddings, MLP neurons,
+    attention by query token (attended from) and by key token (attended to). Needs a dense store.
+    """
+    out: dict[str, list[float]] = {}
+    for node_type, name in [(NodeType.EMBEDDING, "embedding"), (NodeType.MLP_NEURON, "mlp")]:
+        block = store.blocks.get(node_type)
+        if block is None:
+            out[name] = [0.0] * n_pos
+            continue
+        assert isinstance(block, GridBlock)
+        values = block.values[Group.ACT_TIMES_GRAD].nan_to_num().reshape(block.shape)
+        per_token = values if node_type is NodeType.EMBEDDING else values.sum(dim=(0, 2))
+        out[name] = per_token.tolist()
+    heads = store.blocks.get(NodeType.ATTENTION_HEAD)
+    if heads is None:
+        out["attention_from"] = out["attention_to"] = [0.0] * n_pos
+        return out
+    assert isinstance(heads, GridBlock)
+    values = heads.values[Group.ACT_TIMES_GRAD].nan_to_num().reshape(heads.shape)
+    out["attention_from"] = values.sum(dim=(0, 1, 3)).tolist()  # [layer head query key]
+    out["attention_to"] = values.sum(dim=(0, 1, 2)).tolist()
+    return out
