@@ -20,13 +20,6 @@ def parse_ids(text: str, flag: str) -> list[int]:
         raise TdbError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
 
 
-def parse_id(text: str, flag: str) -> int:
-    ids = parse_ids(text, flag)
-    if len(ids) != 1:
-        raise TdbError(f"{flag}: expected one integer token id, got {text!r}")
-    return ids[0]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdb", description="A transformer debugger.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,29 +30,69 @@ def build_parser() -> argparse.ArgumentParser:
         "that explain logit(target) - logit(distractor) at the last token.",
     )
     nodes.add_argument("prompt", nargs="?", help="the prompt text (or use --token-ids)")
-    nodes.add_argument("--target", help="the target token, e.g. ' Mary' (one token)")
-    nodes.add_argument("--distractor", help="the distractor token, e.g. ' John' (one token)")
+    nodes.add_argument(
+        "--target", action="append", help="the target token, e.g. ' Mary' (repeatable: mean)"
+    )
+    nodes.add_argument(
+        "--distractor", action="append", help="the distractor token (repeatable: mean)"
+    )
     nodes.add_argument("--token-ids", help="the prompt as comma-separated token ids")
-    nodes.add_argument("--target-id", help="the target as a token id")
-    nodes.add_argument("--distractor-id", help="the distractor as a token id")
+    nodes.add_argument("--target-id", help="the target as token ids (comma-separated)")
+    nodes.add_argument("--distractor-id", help="the distractor as token ids (comma-separated)")
+    nodes.add_argument("--position", default="-1", help="the token whose prediction (default -1)")
+    nodes.add_argument("--logprob", action="store_true", help="explain log p(target)")
+    nodes.add_argument("--vector", help="explain the final residual stream . vector (.pt/.npy/txt)")
+    nodes.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="ID[:zero|:mean|:resample]",
+        help="ablate a node (repeatable); h<l>.<h>@<q> ablates a head at all keys",
+    )
+    nodes.add_argument(
+        "--mean-prompt", action="append", default=[], help="reference prompt for :mean ablations"
+    )
+    nodes.add_argument(
+        "--trace", metavar="ID[:q|:k|:qk|:v]", help="explain this node's pre-activation instead"
+    )
+    nodes.add_argument("--downstream", metavar="ID", help="the downstream node of a :v trace")
+    nodes.add_argument(
+        "--second-prompt",
+        help="source of :resample ablations; otherwise shown side by side (same token count)",
+    )
+    nodes.add_argument("--verify", default="0", metavar="N", help="ablate the top N nodes")
+    nodes.add_argument(
+        "--views", action="store_true", help="add token views (logits, per-token effect sums)"
+    )
+    nodes.add_argument(
+        "--view-node", action="append", default=[], metavar="ID", help="add a node's token view"
+    )
     nodes.add_argument("-k", type=str, default="10", help="nodes per metric and node type")
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
     return parser
 
 
-def run_nodes(args: argparse.Namespace) -> None:
+def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
     try:
-        k = int(args.k)
+        value = int(text)
     except ValueError:
-        raise TdbError(f"-k: {args.k!r} is not an integer") from None
-    if k < 0:
-        raise TdbError(f"-k: must be >= 0, got {k}")
+        raise TdbError(f"{flag}: {text!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise TdbError(f"{flag}: must be >= {minimum}, got {value}")
+    return value
+
+
+def run_nodes(args: argparse.Namespace) -> None:
+    k = parse_int(args.k, "-k", minimum=0)
+    verify = parse_int(args.verify, "--verify", minimum=0)
+    position = parse_int(args.position, "--position")
     if (args.prompt is None) == (args.token_ids is None):
         raise TdbError("give the prompt either as text or with --token-ids, exactly one of them")
-    target = resolve_choice(args.target, args.target_id, "--target", "--target-id")
+    uses_tokens = not (args.logprob or args.vector)
+    target = resolve_choice(args.target, args.target_id, "--target", "--target-id", uses_tokens)
     distractor = resolve_choice(
-        args.distractor, args.distractor_id, "--distractor", "--distractor-id"
+        args.distractor, args.distractor_id, "--distractor", "--distractor-id", uses_tokens
     )
     prompt = args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids")
 
@@ -67,7 +100,23 @@ def run_nodes(args: argparse.Namespace) -> None:
     from tdb.table import node_table
 
     loaded = load_model(args.model)
-    table = node_table(loaded, prompt, target, distractor, k=k)
+    table = node_table(
+        loaded,
+        prompt,
+        target,
+        distractor,
+        k=k,
+        position=position,
+        logprob=args.logprob,
+        vector=args.vector,
+        trace=args.trace,
+        downstream=args.downstream,
+        ablate=args.ablate,
+        second_prompt=args.second_prompt,
+        mean_prompts=args.mean_prompt,
+        verify=verify,
+        views=args.view_node or args.views,
+    )
     if args.json:
         json.dump(table.to_json(), sys.stdout)
         sys.stdout.write("\n")
@@ -77,10 +126,16 @@ def run_nodes(args: argparse.Namespace) -> None:
         print_node_table(table, loaded.name)
 
 
-def resolve_choice(text: str | None, id_text: str | None, flag: str, id_flag: str) -> str | int:
-    if (text is None) == (id_text is None):
-        raise TdbError(f"give exactly one of {flag} TEXT or {id_flag} N")
-    return text if text is not None else parse_id(id_text or "", id_flag)
+def resolve_choice(
+    texts: list[str] | None, id_text: str | None, flag: str, id_flag: str, required: bool
+) -> list[str] | list[int] | None:
+    if texts is not None and id_text is not None:
+        raise TdbError(f"give {flag} TEXT or {id_flag} N, not both")
+    if texts is None and id_text is None:
+        if required:
+            raise TdbError(f"give exactly one of {flag} TEXT or {id_flag} N")
+        return None
+    return texts if texts is not None else parse_ids(id_text or "", id_flag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from tdb.direction import (
     ResidualDirection,
 )
 from tdb.errors import TdbError
-from tdb.hooks import NO_HOOKS, HookPoint, Hooks
+from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.metrics import ALL_GROUPS, Group
 from tdb.model import GPT2
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
@@ -231,22 +231,20 @@ def value_trace_inputs(
     def leaf(x: Tensor, _: int | None) -> Tensor:
         return x.detach().requires_grad_(True)
 
+    hooks = Hooks(
+        {
+            HookPoint.RESID_EMBED: leaf,
+            HookPoint.RESID_MID: keep("mid", layer),
+            HookPoint.ATTN_PROBS: keep("probs", layer),
+        }
+    )
     point = downstream.read_point
-    hooks = {
-        HookPoint.RESID_EMBED: leaf,
-        HookPoint.RESID_MID: keep("mid", layer),
-        HookPoint.ATTN_PROBS: keep("probs", layer),
-    }
-    if point.hook in hooks:
-        mid, read_hook = hooks[point.hook], keep("read", point.layer)
-        hooks[point.hook] = lambda x, hook_layer: (mid(x, hook_layer), read_hook(x, hook_layer))[0]
-    else:
-        hooks[point.hook] = keep("read", point.layer)
+    hooks = compose(hooks, Hooks({point.hook: keep("read", point.layer)}))
     with torch.enable_grad():
-        model(torch.tensor([tokens]), Hooks(hooks), logit_positions=torch.tensor([len(tokens) - 1]))
+        model(torch.tensor([tokens]), hooks, logit_positions=torch.tensor([len(tokens) - 1]))
         value = downstream.read(model, saved["read"][0])
         (grad,) = torch.autograd.grad(value, saved["mid"])
-    prob = float(saved["probs"][0, node.index, node.token, node.key_token])
+    prob = float(saved["probs"][0, node.index, node.token, node.key_token].detach())
     return prob, grad[0, node.token].detach()
 
 
