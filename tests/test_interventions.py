@@ -51,8 +51,8 @@ def set_entry(
 ):
     """An edit for naive_run that sets one entry."""
 
-    def edit(n: str, l: int | None, h: int | None, x: torch.Tensor) -> torch.Tensor:
-        if (n, l, h) != (name, layer, head):
+    def edit(n: str, ly: int | None, h: int | None, x: torch.Tensor) -> torch.Tensor:
+        if (n, ly, h) != (name, layer, head):
             return x
         x = x.clone()
         x[index] = value
@@ -127,9 +127,9 @@ def test_mean_and_resample_ablations(pair: tuple[GPT2LMHeadModel, LoadedModel]) 
     )
     resid_second = other.resid[1]
 
-    def both(n: str, l: int | None, h: int | None, x: torch.Tensor) -> torch.Tensor:
-        x = set_entry("post", 2, None, (6, 5), float(other.post[2][6, 5]))(n, l, h, x)
-        return set_entry("resid", None, None, (1,), resid_second)(n, l, h, x)
+    def both(n: str, ly: int | None, h: int | None, x: torch.Tensor) -> torch.Tensor:
+        x = set_entry("post", 2, None, (6, 5), float(other.post[2][6, 5]))(n, ly, h, x)
+        return set_entry("resid", None, None, (1,), resid_second)(n, ly, h, x)
 
     expected = naive_run(hf, TOKENS, LAST, T, D, edit=both)
     assert table.direction_value == pytest.approx(expected.value, abs=1e-5)
@@ -165,9 +165,9 @@ def test_trace_a_neuron_equals_hand_built_autograd(
     mlp = cap.store.blocks[NodeType.MLP_NEURON]
     heads = cap.store.blocks[NodeType.ATTENTION_HEAD]
     assert mlp.shape[0] == layer and heads.shape[0] == layer + 1  # type: ignore[union-attr]
-    for l in range(layer):
-        node = NodeIndex(NodeType.MLP_NEURON, l, 5, 3)
-        expected = float(ref.post[l][5, 3] * ref.post_grad[l][5, 3])
+    for ly in range(layer):
+        node = NodeIndex(NodeType.MLP_NEURON, ly, 5, 3)
+        expected = float(ref.post[ly][5, 3] * ref.post_grad[ly][5, 3])
         assert float(cap.store.values_at(Group.ACT_TIMES_GRAD, [node])[0]) == pytest.approx(
             expected, abs=1e-5
         )
@@ -188,8 +188,7 @@ def test_trace_a_neuron_equals_hand_built_autograd(
     assert all(
         n.layer is None
         or n.layer < layer
-        or n.node_type is NodeType.ATTENTION_HEAD
-        and n.layer == layer
+        or (n.node_type is NodeType.ATTENTION_HEAD and n.layer == layer)
         for n in table.nodes
     )
     assert table.to_json()["direction"]["kind"] == "mlp_pre_activation"  # type: ignore[index]
@@ -224,12 +223,12 @@ def test_trace_an_attention_logit_equals_hand_built_autograd(
         ALL_GROUPS,
     )  # type: ignore[arg-type]
     assert cap.direction_value == pytest.approx(ref.value, abs=1e-5)
-    for l in range(layer):
+    for ly in range(layer):
         for t in (1, 3, 6):
             if through == "k" and t > key:
                 continue  # after the key token: not a node of this direction (checked below)
-            node = NodeIndex(NodeType.MLP_NEURON, l, t, 4)
-            expected = float(ref.post[l][t, 4] * ref.post_grad[l][t, 4])
+            node = NodeIndex(NodeType.MLP_NEURON, ly, t, 4)
+            expected = float(ref.post[ly][t, 4] * ref.post_grad[ly][t, 4])
             got = float(cap.store.values_at(Group.ACT_TIMES_GRAD, [node])[0])
             assert got == pytest.approx(expected, abs=1e-5)
     # A head of the same layer is not upstream.
@@ -350,8 +349,8 @@ def test_token_views(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> None:
     assert sums["embedding"] == pytest.approx(emb, abs=1e-5)
     to_key = [
         sum(
-            float((ref.probs[l][h][:, t] * ref.probs_grad[l][h][:, t]).sum())
-            for l in range(3)
+            float((ref.probs[ly][h][:, t] * ref.probs_grad[ly][h][:, t]).sum())
+            for ly in range(3)
             for h in range(4)
         )
         for t in range(len(TOKENS))
