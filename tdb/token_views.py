@@ -125,3 +125,12 @@ def effect_by_token(store: ScalarStore, n_pos: int) -> dict[str, list[float]]:
     out["attention_from"] = values.sum(dim=(0, 1, 3)).tolist()  # [layer head query key]
     out["attention_to"] = values.sum(dim=(0, 1, 2)).tolist()
     return out
+
+
+def effect_by_head(store: ScalarStore, group: Group = Group.ACT_TIMES_GRAD) -> Tensor:
+    """[layer head]: a metric summed over every (query, key) pair of each head (whole-head
+    importance, e.g. to pick heads to ablate). Needs a dense store."""
+    heads = store.blocks[NodeType.ATTENTION_HEAD]
+    assert isinstance(heads, GridBlock)
+    values = heads.values[group].nan_to_num().reshape(heads.shape)  # [layer head query key]
+    return values.sum(dim=(2, 3))
