@@ -28,6 +28,7 @@ from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.metrics import (
     METRICS,
     NEEDS_GRADIENT,
+    NEEDS_VALUES,
     SIGNED_GROUPS,
     AttentionInputs,
     EmbeddingInputs,
@@ -122,6 +123,7 @@ def capture(
     """
     groups = list(dict.fromkeys(groups))
     needs_grad = any(g in NEEDS_GRADIENT for g in groups)
+    needs_values = any(g in NEEDS_VALUES for g in groups)
     n_pos, read_point = len(tokens), direction.read_point
     last_token = max(direction.read_positions)
     n_layer = model.config.n_layer
@@ -144,7 +146,7 @@ def capture(
 
     def finish_attention(layer: int, grad_probs: Tensor | None) -> None:
         probs = saved.pop((HookPoint.ATTN_PROBS, layer))[0].detach()
-        v = saved.pop((HookPoint.V, layer))[0].detach()
+        v = saved.pop((HookPoint.V, layer))[0].detach() if needs_values else None
         W_O = model.block(layer).attn.W_O.detach()
         grad = None if grad_probs is None else grad_probs[0]
         derive(NodeType.ATTENTION_HEAD, AttentionInputs(probs, grad, v, W_O, read[0]), layer)
@@ -187,7 +189,7 @@ def capture(
     own = Hooks(
         {
             HookPoint.RESID_EMBED: embed_leaf,
-            HookPoint.V: save_upstream(HookPoint.V),
+            **({HookPoint.V: save_upstream(HookPoint.V)} if needs_values else {}),
             HookPoint.ATTN_PROBS: save_upstream(HookPoint.ATTN_PROBS),
             HookPoint.MLP_POST: save_upstream(HookPoint.MLP_POST),
             read_point.hook: save_read_point,

@@ -40,6 +40,7 @@ ALL_GROUPS = tuple(Group)
 # for their top only), so their bottom k would only be a list of near-zero rows.
 SIGNED_GROUPS = frozenset({Group.DIRECT_EFFECT, Group.ACT_TIMES_GRAD})
 NEEDS_GRADIENT = frozenset({Group.ACT_TIMES_GRAD})
+NEEDS_VALUES = frozenset({Group.WRITE_NORM, Group.DIRECT_EFFECT})  # attention values v
 
 # Which node coordinate each grid axis holds, per node type.
 GRID_AXES: dict[NodeType, tuple[int, ...]] = {
@@ -69,7 +70,7 @@ class EmbeddingInputs:
 class AttentionInputs:
     probs: Float[Tensor, "head query_pos key_pos"]
     grad_probs: Float[Tensor, "head query_pos key_pos"] | None
-    v: Float[Tensor, "pos head d_head"]  # value bias included
+    v: Float[Tensor, "pos head d_head"] | None  # value bias included; only if a metric reads it
     W_O: Float[Tensor, "head d_head d_model"]
     read: ReadOut
 
@@ -99,6 +100,12 @@ def grad_or_fail(grad: Tensor | None) -> Tensor:
     if grad is None:
         raise ValueError("act_times_grad needs the backward pass, which was not run")
     return grad
+
+
+def values_or_fail(v: Tensor | None) -> Tensor:
+    if v is None:
+        raise ValueError("this metric reads the attention values, which were not saved")
+    return v
 
 
 # --- embeddings: activation 1, write vector = the embedding itself ---------------------------
@@ -131,7 +138,7 @@ def head_activation(x: AttentionInputs) -> Tensor:
 
 
 def head_write_norm(x: AttentionInputs) -> Tensor:
-    value_writes = torch.einsum("khe,hed->khd", x.v, x.W_O)  # [key_pos head d_model]
+    value_writes = torch.einsum("khe,hed->khd", values_or_fail(x.v), x.W_O)  # [key head d_model]
     value_write_norm = value_writes.pow(2).sum(dim=-1).sqrt()  # [key_pos head]
     return x.probs * value_write_norm.T[:, None, :]
 
@@ -139,7 +146,7 @@ def head_write_norm(x: AttentionInputs) -> Tensor:
 def head_direct_effect(x: AttentionInputs) -> Tensor:
     out = torch.zeros_like(x.probs)
     for query, g in zip(x.read.positions, x.read.g, strict=True):
-        value_write_g = torch.einsum("khe,he->hk", x.v, x.W_O @ g)  # [head key_pos]
+        value_write_g = torch.einsum("khe,he->hk", values_or_fail(x.v), x.W_O @ g)  # [head key]
         out[:, query] = x.probs[:, query] * value_write_g
     return out
 

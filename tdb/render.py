@@ -56,8 +56,9 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
     )
     if "verification" in table.extra:
         print_verification(table.extra, console)
-    if "token_views" in table.extra:
-        print_token_views(table.extra["token_views"], table.token_texts, console)
+    views = table.extra.get("token_views")
+    if isinstance(views, dict):
+        print_token_views(views, table.token_texts, console)
 
 
 def print_verification(extra: dict[str, Any], console: Console) -> None:

@@ -265,7 +265,7 @@ def test_logprob_and_vector_directions(
     torch.save(vector, tmp_path / "v.pt")
     table = node_table(loaded, TOKENS, vector=tmp_path / "v.pt", k=2)
     ref = naive_run(hf, TOKENS, LAST, T, D, read=lambda state: state["final"][LAST] @ vector)  # type: ignore[index]
-    assert table.direction_value == pytest.approx(ref.value, abs=1e-5)
+    assert table.direction_value == pytest.approx(ref.value, rel=1e-5, abs=1e-5)
     assert table.to_json()["direction"]["kind"] == "residual_direction"  # type: ignore[index]
     act_times_grad = ref.resid[3] @ ref.resid_grad[3]
     embedding = capture(loaded.model, torch.tensor(TOKENS), table.direction, [Group.ACT_TIMES_GRAD])
