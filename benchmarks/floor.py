@@ -10,6 +10,7 @@ softmax attention, as any tool that reports attention probabilities needs.
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 def main() -> None:
     directory, token_text, target, distractor = sys.argv[1:5]
-    config = json.loads(open(f"{directory}/config.json").read())
+    config = json.loads(Path(directory, "config.json").read_text())
     w = {
         k.removeprefix("transformer."): v
         for k, v in load_file(f"{directory}/model.safetensors").items()

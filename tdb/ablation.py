@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tdb.errors import TdbError
 from tdb.hooks import HookPoint, Hooks
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
 
 
@@ -76,7 +76,9 @@ def parse_ablation(text: str) -> Ablation:
 
 
 def record(
-    model: GPT2, prompts: Sequence[Sequence[int]], sites: set[tuple[HookPoint, int | None]]
+    model: TransformerModel,
+    prompts: Sequence[Sequence[int]],
+    sites: set[tuple[HookPoint, int | None]],
 ) -> dict[tuple[HookPoint, int | None], list[Tensor]]:
     """The tensors at `sites` on each prompt (forward passes without gradients)."""
     out: dict[tuple[HookPoint, int | None], list[Tensor]] = {site: [] for site in sites}
@@ -116,7 +118,7 @@ def mean_value(ablation: Ablation, recorded: list[Tensor]) -> Tensor:
 
 
 def ablation_hooks(
-    model: GPT2,
+    model: TransformerModel,
     tokens: Sequence[int],
     ablations: Sequence[Ablation],
     second_prompt: Sequence[int] | None = None,

@@ -37,7 +37,7 @@ from tdb.metrics import (
     ReadOut,
     node_mask,
 )
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.nodes import NodeType
 from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, ranked
 
@@ -97,7 +97,9 @@ class LayeredBlockBuilder:
         return ListBlock(self.node_type, coords, values, pruned_k=self.prune_k)
 
 
-def read_out(model: GPT2, direction: Direction, resid: Float[Tensor, "pos d_model"]) -> ReadOut:
+def read_out(
+    model: TransformerModel, direction: Direction, resid: Float[Tensor, "pos d_model"]
+) -> ReadOut:
     """g: d(direction)/d(residual stream at its read point), at the positions it reads."""
     x = resid.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -107,7 +109,7 @@ def read_out(model: GPT2, direction: Direction, resid: Float[Tensor, "pos d_mode
 
 
 def capture(
-    model: GPT2,
+    model: TransformerModel,
     tokens: Int[Tensor, " pos"],
     direction: Direction,
     groups: Sequence[Group],
@@ -225,7 +227,10 @@ def capture(
 
 
 def direction_value(
-    model: GPT2, tokens: Int[Tensor, " pos"], direction: Direction, hooks: Hooks = NO_HOOKS
+    model: TransformerModel,
+    tokens: Int[Tensor, " pos"],
+    direction: Direction,
+    hooks: Hooks = NO_HOOKS,
 ) -> float:
     """The direction's value after one forward pass (no gradients), e.g. under an ablation.
 

@@ -1,26 +1,34 @@
-"""Load and save GPT-2 checkpoints in the Hugging Face layout, offline.
+"""Load Hugging Face checkpoints (GPT-2, Llama, Qwen2, Mistral, Gemma, GPT-NeoX), offline, and
+save GPT-2 ones.
 
-A checkpoint is a directory with `config.json` and `model.safetensors` (or `pytorch_model.bin`,
-read with `torch.load(weights_only=True)`), plus `tokenizer.json` when there is one. A bare name
-such as `gpt2` is looked up in the local Hugging Face cache; nothing is ever downloaded.
+A checkpoint is a directory with `config.json` and `model.safetensors` (or the shards listed in
+`model.safetensors.index.json`, or `pytorch_model.bin`, read with `torch.load(weights_only=True)`),
+plus `tokenizer.json` when there is one. A bare name such as `gpt2` is looked up in the local
+Hugging Face cache; nothing is ever downloaded. `ARCHITECTURES` maps config.json's `model_type`
+to how its config is read, how its weights are converted to our layout, and which model runs it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from tdb.errors import TdbError
 from tdb.model import ACTIVATIONS, GPT2, GPT2Config
+from tdb.models import llama, neox
+from tdb.models.base import TransformerModel
+from tdb.models.hf import HFConfig
 from tdb.tokens import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "checkpoint"
-SUPPORTED_ARCHITECTURES = ("gpt2",)
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class LoadedModel:
     >>> loaded.model, loaded.tokenizer.encode(" Mary")
     """
 
-    model: GPT2
+    model: TransformerModel
     tokenizer: Tokenizer
     name: str
     path: Path
@@ -75,51 +83,54 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     )
 
 
-def config_from_hf(hf: dict[str, object], where: Path) -> GPT2Config:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise TdbError(
-            f"{where}: unsupported architecture {model_type!r} "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    activation = str(hf.get("activation_function", "gelu_new"))
+def config_from_gpt2(hf: HFConfig) -> GPT2Config:
+    activation = hf.text("activation_function", "gelu_new")
     if activation not in ACTIVATIONS:
-        raise TdbError(f"{where}: unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
-    if hf.get("scale_attn_weights", True) is not True:
-        raise TdbError(f"{where}: scale_attn_weights=false is not supported")
-
-    def num(key: str) -> int:
-        value = hf[key]
-        if not isinstance(value, int):
-            raise TdbError(f"{where}/config.json: {key} must be an integer, got {value!r}")
-        return value
-
-    d_model = num("n_embd")
+        raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
+    if not hf.flag("scale_attn_weights", True):
+        raise hf.error("scale_attn_weights=false is not supported")
+    d_model = hf.integer("n_embd")
     return GPT2Config(
-        d_vocab=num("vocab_size"),
-        n_ctx=num("n_positions"),
+        d_vocab=hf.integer("vocab_size"),
+        n_ctx=hf.integer("n_positions"),
         d_model=d_model,
-        n_layer=num("n_layer"),
-        n_head=num("n_head"),
-        d_mlp=num("n_inner") if hf.get("n_inner") is not None else 4 * d_model,
-        layer_norm_eps=float(str(hf.get("layer_norm_epsilon", 1e-5))),
-        tie_unembed=bool(hf.get("tie_word_embeddings", True)),
+        n_layer=hf.integer("n_layer"),
+        n_head=hf.integer("n_head"),
+        d_mlp=hf.integer("n_inner", 4 * d_model),
+        layer_norm_eps=hf.number("layer_norm_epsilon", 1e-5),
+        tie_unembed=hf.flag("tie_word_embeddings", True),
         activation=activation,
-        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+        scale_attn_by_inverse_layer_idx=hf.flag("scale_attn_by_inverse_layer_idx", False),
     )
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as float32, GPT-2's `transformer.` prefix dropped."""
+    index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
         weights = load_file(str(directory / "model.safetensors"))
+    elif index.is_file():  # sharded: the index maps each tensor to its file
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise TdbError(f"{index}: not a safetensors index ({e!r})") from None
+        weights = {}
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise TdbError(f"{index}: names shard {shard}, which is not in {directory}")
+            weights |= load_file(str(directory / shard))
     elif (directory / "pytorch_model.bin").is_file():
         weights = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise TdbError(f"{directory}: no model.safetensors or pytorch_model.bin")
+        raise TdbError(
+            f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
     return {k.removeprefix("transformer."): v.float() for k, v in weights.items()}
 
 
-def state_dict_from_hf(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+def state_dict_from_gpt2(
+    hf: dict[str, torch.Tensor], config: GPT2Config
+) -> dict[str, torch.Tensor]:
     """Hugging Face GPT-2 weights (Conv1D: y = x @ W + b) -> our per-head layout."""
     h, d, dh = config.n_head, config.d_model, config.d_head
     out = {"W_E": hf["wte.weight"], "W_pos": hf["wpe.weight"]}
@@ -146,7 +157,7 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[
 
 
 def state_dict_to_hf(model: GPT2) -> dict[str, torch.Tensor]:
-    """Our layout -> Hugging Face GPT-2 weights (the inverse of `state_dict_from_hf`)."""
+    """Our layout -> Hugging Face GPT-2 weights (the inverse of `state_dict_from_gpt2`)."""
     c = model.config
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"transformer.wte.weight": ours["W_E"], "transformer.wpe.weight": ours["W_pos"]}
@@ -171,8 +182,48 @@ def state_dict_to_hf(model: GPT2) -> dict[str, torch.Tensor]:
     return out
 
 
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class Architecture(Generic[ConfigT]):
+    """How one Hugging Face `model_type` is loaded: its config.json read into our config, its
+    weights converted to our layout (missing tensors raise KeyError), the model that runs it."""
+
+    config_from_hf: Callable[[HFConfig], ConfigT]
+    state_dict_from_hf: Callable[[dict[str, Tensor], ConfigT], dict[str, Tensor]]
+    model: Callable[[ConfigT], TransformerModel]
+
+    def load(self, hf: HFConfig, directory: Path) -> tuple[TransformerModel, int]:
+        """The model with the checkpoint's weights, and its vocabulary size."""
+        config = self.config_from_hf(hf)
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = self.model(config)
+        try:
+            state_dict = self.state_dict_from_hf(read_weights(directory), config)
+            model.load_state_dict(state_dict, assign=True)
+        except KeyError as e:
+            raise TdbError(f"{directory}: weights are missing tensor {e}") from None
+        except RuntimeError as e:  # a tensor of the wrong shape for config.json
+            raise TdbError(f"{directory}: weights do not match config.json: {e}") from None
+        model.requires_grad_(False).eval()
+        return model, model.config.d_vocab
+
+
+# config.json's model_type -> architecture. Adding one: docs/architectures.md.
+ARCHITECTURES: dict[str, Architecture[Any]] = {
+    "gpt2": Architecture(config_from_gpt2, state_dict_from_gpt2, GPT2),
+    "llama": Architecture(llama.config_from_llama, llama.state_dict_from_hf, llama.Llama),
+    "qwen2": Architecture(llama.config_from_qwen2, llama.state_dict_from_hf, llama.Llama),
+    "mistral": Architecture(llama.config_from_mistral, llama.state_dict_from_hf, llama.Llama),
+    "gemma": Architecture(llama.config_from_gemma, llama.state_dict_from_hf, llama.Llama),
+    "gpt_neox": Architecture(neox.config_from_neox, neox.state_dict_from_hf, neox.NeoX),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+
 def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
-    """Load a GPT-2 checkpoint directory, a cached model name, or (None) the demo model.
+    """Load a checkpoint directory, a cached model name, or (None) the demo model.
 
     >>> loaded = load_model("gpt2")  # from ~/.cache/huggingface, never the network
     >>> logits = loaded.model(torch.tensor([loaded.tokenizer.encode("Hello")]))
@@ -182,19 +233,20 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     if not config_file.is_file():
         raise TdbError(f"--model: {directory} has no config.json, so it is not a checkpoint")
     try:
-        hf_config = json.loads(config_file.read_text())
+        values = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise TdbError(f"{config_file}: not valid JSON ({e})") from None
-    config = config_from_hf(hf_config, directory)
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = GPT2(config)
-    try:
-        model.load_state_dict(state_dict_from_hf(read_weights(directory), config), assign=True)
-    except KeyError as e:
-        raise TdbError(f"{directory}: weights are missing tensor {e}") from None
-    model.requires_grad_(False).eval()
+    if not isinstance(values, dict):
+        raise TdbError(f"{config_file}: not a JSON object")
+    model_type = values.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise TdbError(
+            f"{directory}: unsupported architecture {model_type!r} "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    model, d_vocab = ARCHITECTURES[model_type].load(HFConfig(values, config_file), directory)
     name = str(name_or_path) if name_or_path is not None else "demo"
-    return LoadedModel(model, Tokenizer.from_dir(directory, config.d_vocab), name, directory)
+    return LoadedModel(model, Tokenizer.from_dir(directory, d_vocab), name, directory)
 
 
 def save_checkpoint(model: GPT2, directory: Path, dtype: torch.dtype = torch.float32) -> None:

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tdb.hooks import HookPoint, Hooks
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 
 
 def _detach(x: Tensor, layer: int | None) -> Tensor:
@@ -71,12 +71,16 @@ class Direction(Protocol):
         """The position reported as the direction's (the last one it reads)."""
         ...
 
-    def read(self, model: GPT2, resid: Float[Tensor, "pos d_model"]) -> Float[Tensor, ""]: ...
+    def read(
+        self, model: TransformerModel, resid: Float[Tensor, "pos d_model"]
+    ) -> Float[Tensor, ""]: ...
 
     def to_json(self) -> dict[str, object]: ...
 
 
-def final_logits(model: GPT2, resid: Tensor, position: int) -> Float[Tensor, " d_vocab"]:
+def final_logits(
+    model: TransformerModel, resid: Tensor, position: int
+) -> Float[Tensor, " d_vocab"]:
     normed: Tensor = model.ln_f(resid[position][None, None], FROZEN_SCALES)[0, 0]
     return normed @ model.unembed
 
@@ -98,7 +102,7 @@ class LogitDiff:
     def read_positions(self) -> tuple[int, ...]:
         return (self.position,)
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         logits = final_logits(model, resid, self.position)
         targets = logits[list(self.target_ids)].mean()
         return targets - logits[list(self.distractor_ids)].mean()
@@ -125,7 +129,7 @@ class LogProb:
     def read_positions(self) -> tuple[int, ...]:
         return (self.position,)
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         return final_logits(model, resid, self.position).log_softmax(dim=-1)[self.target_id]
 
     def to_json(self) -> dict[str, object]:
@@ -154,7 +158,7 @@ class ResidualDirection:
     def read_positions(self) -> tuple[int, ...]:
         return (self.position,)
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         return resid[self.position] @ self.vector
 
     def to_json(self) -> dict[str, object]:
@@ -168,11 +172,12 @@ class NeuronPreActivation:
     layer: int
     token: int
     neuron: int
+    reads: HookPoint = HookPoint.RESID_MID  # RESID_PRE where attention and MLP run in parallel
     kind: str = "mlp_pre_activation"
 
     @property
     def read_point(self) -> ReadPoint:
-        return ReadPoint(HookPoint.RESID_MID, self.layer)
+        return ReadPoint(self.reads, self.layer)
 
     @property
     def read_positions(self) -> tuple[int, ...]:
@@ -182,10 +187,10 @@ class NeuronPreActivation:
     def position(self) -> int:
         return self.token
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         block = model.block(self.layer)
-        x = block.ln_2(resid[self.token][None, None], FROZEN_SCALES)[0, 0]
-        return x @ block.mlp.W_in[:, self.neuron] + block.mlp.b_in[self.neuron]
+        x: Tensor = block.ln_2(resid[self.token][None, None], FROZEN_SCALES)[0, 0]
+        return block.mlp.pre_activation(x, self.neuron)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -220,12 +225,12 @@ class AttentionLogit:
     def position(self) -> int:
         return max(self.read_positions)
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         block = model.block(self.layer)
         x: Tensor = block.ln_1(resid[[self.query, self.key]][None], FROZEN_SCALES)[0]  # [2 d_model]
         x_query = x[0] if "q" in self.through else x[0].detach()
         x_key = x[1] if "k" in self.through else x[1].detach()
-        return block.attn.head_logit(x_query, x_key, self.head)
+        return block.attn.head_logit(x_query, x_key, self.head, self.query, self.key)
 
     def to_json(self) -> dict[str, object]:
         node = f"h{self.layer}.{self.head}@{self.query}:{self.key}"
@@ -259,7 +264,7 @@ class HeadValueWrite:
     def position(self) -> int:
         return self.key
 
-    def read(self, model: GPT2, resid: Tensor) -> Tensor:
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
         block = model.block(self.layer)
         x_key = block.ln_1(resid[self.key][None, None], FROZEN_SCALES)[0, 0]
         write = self.prob * block.attn.head_value(x_key, self.head) @ block.attn.W_O[self.head]

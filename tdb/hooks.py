@@ -24,21 +24,24 @@ class HookPoint(StrEnum):
     """
 
     TOKEN_EMBED = "token_embed"  # [batch pos d_model]  W_E[token]
-    POS_EMBED = "pos_embed"  # [batch pos d_model]  W_pos[position]
-    RESID_EMBED = "resid_embed"  # [batch pos d_model]  token + position embedding (layer None)
+    POS_EMBED = "pos_embed"  # [batch pos d_model]  W_pos[position] (not in rotary models)
+    RESID_EMBED = "resid_embed"  # [batch pos d_model]  all the embedding writes (layer None)
     RESID_PRE = "resid_pre"  # [batch pos d_model]  before attention of `layer`
     LN1_SCALE = "ln1_scale"  # [batch pos 1]  1/sqrt(var + eps) of the attention input
-    Q = "q"  # [batch pos head d_head]
-    K = "k"  # [batch pos head d_head]
-    V = "v"  # [batch pos head d_head]  value bias included
+    # (RMSNorm: 1/sqrt(mean(x^2) + eps)); the same for LN2_SCALE and LN_FINAL_SCALE
+    Q = "q"  # [batch pos head d_head]  rotary models: after the rotation
+    K = "k"  # [batch pos head d_head]  per query head (grouped-query: key heads repeated), rotated
+    V = "v"  # [batch pos head d_head]  value bias included; per query head like K
     ATTN_LOGITS = "attn_logits"  # [batch head query_pos key_pos]  scaled, before the causal mask
     ATTN_PROBS = "attn_probs"  # [batch head query_pos key_pos]
     ATTN_Z = "attn_z"  # [batch pos head d_head]  per-head output before W_O
     ATTN_OUT = "attn_out"  # [batch pos d_model]  what attention writes (output bias included)
-    RESID_MID = "resid_mid"  # [batch pos d_model]  after attention, before the MLP
+    RESID_MID = "resid_mid"  # [batch pos d_model]  after attention, before the MLP (parallel
+    # blocks: block input + attention's write; the MLP there reads the block input instead)
     LN2_SCALE = "ln2_scale"  # [batch pos 1]
-    MLP_PRE = "mlp_pre"  # [batch pos d_mlp]
-    MLP_POST = "mlp_post"  # [batch pos d_mlp]
+    MLP_PRE = "mlp_pre"  # [batch pos d_mlp]  (gated MLPs: the gate, before its activation)
+    MLP_UP = "mlp_up"  # [batch pos d_mlp]  gated MLPs only: the linear branch act(gate) multiplies
+    MLP_POST = "mlp_post"  # [batch pos d_mlp]  (gated MLPs: act(gate) * up)
     MLP_OUT = "mlp_out"  # [batch pos d_model]
     RESID_POST = "resid_post"  # [batch pos d_model]  after the MLP of `layer`
     RESID_FINAL = "resid_final"  # [batch pos d_model]  after the last block (layer None)

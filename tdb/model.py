@@ -105,9 +105,15 @@ class Attention(nn.Module):
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
 
     def head_logit(
-        self, x_query: Float[Tensor, " d_model"], x_key: Float[Tensor, " d_model"], head: int
+        self,
+        x_query: Float[Tensor, " d_model"],
+        x_key: Float[Tensor, " d_model"],
+        head: int,
+        query_pos: int,
+        key_pos: int,
     ) -> Float[Tensor, ""]:
-        """One head's attention logit from the (normalised) query and key residual streams."""
+        """One head's attention logit from the (normalised) query and key residual streams
+        (GPT-2's positions are in the residual stream already: the positions are unused)."""
         q = x_query @ self.W_Q[head] + self.b_Q[head]
         k = x_key @ self.W_K[head] + self.b_K[head]
         return (q @ k) * self.score_scale
@@ -132,6 +138,9 @@ class MLP(nn.Module):
         post = hooks(HookPoint.MLP_POST, self.act(pre))
         return post @ self.W_out + self.b_out
 
+    def pre_activation(self, x: Float[Tensor, " d_model"], neuron: int) -> Float[Tensor, ""]:
+        return x @ self.W_in[:, neuron] + self.b_in[neuron]
+
 
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer: int) -> None:
@@ -140,6 +149,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.ln_2 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN2_SCALE)
         self.mlp = MLP(config)
+        self.mlp_input = HookPoint.RESID_MID
 
     def forward(
         self,

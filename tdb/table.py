@@ -31,7 +31,7 @@ from tdb.direction import (
 from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.metrics import ALL_GROUPS, Group
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
 from tdb.store import ScalarStore
 from tdb.token_views import effect_by_token, logit_view, node_view
@@ -183,7 +183,7 @@ def parse_trace(text: str) -> tuple[NodeIndex, str | None]:
 
 
 def trace_direction(
-    model: GPT2, tokens: list[int], text: str, downstream: Direction | None
+    model: TransformerModel, tokens: list[int], text: str, downstream: Direction | None
 ) -> Direction:
     """The direction that makes a node's pre-activation the thing to explain."""
     node, mode = parse_trace(text)
@@ -193,7 +193,8 @@ def trace_direction(
         if mode is not None:
             raise TdbError(f"--trace {text}: :{mode} applies to attention heads only")
         assert node.layer is not None
-        return NeuronPreActivation(node.layer, node.token, node.index)
+        reads = model.block(node.layer).mlp_input
+        return NeuronPreActivation(node.layer, node.token, node.index, reads)
     if node.node_type is not NodeType.ATTENTION_HEAD or node.key_token is None:
         raise TdbError(
             f"--trace {text}: trace an MLP neuron (n<layer>.<neuron>@<token>) or an attention "
@@ -211,7 +212,7 @@ def trace_direction(
 
 
 def value_trace_inputs(
-    model: GPT2, tokens: list[int], node: NodeIndex, downstream: Direction
+    model: TransformerModel, tokens: list[int], node: NodeIndex, downstream: Direction
 ) -> tuple[float, Tensor]:
     """The head's probability at (query, key), and d(downstream)/d(residual stream at the query
     right after the head's layer), from one forward and one backward pass."""
@@ -419,7 +420,7 @@ def direction_token_ids(direction: Direction, field_name: str) -> list[int]:
 
 
 def verification(
-    model: GPT2,
+    model: TransformerModel,
     tokens: list[int],
     direction: Direction,
     store: ScalarStore,

@@ -12,7 +12,7 @@ from torch import Tensor
 from tdb.ablation import Ablation, record
 from tdb.hooks import HookPoint
 from tdb.metrics import Group
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType
 from tdb.store import GridBlock, ScalarStore
 from tdb.tokens import Tokenizer
@@ -54,7 +54,9 @@ def logit_view(
     }
 
 
-def write_vector(model: GPT2, tokens: Sequence[int], node: NodeIndex) -> Float[Tensor, " d_model"]:
+def write_vector(
+    model: TransformerModel, tokens: Sequence[int], node: NodeIndex
+) -> Float[Tensor, " d_model"]:
     """What the node writes into the residual stream on this prompt, computed explicitly."""
     ablation = Ablation(node)  # only for where the node's activation lives
     if node.node_type is NodeType.EMBEDDING:
@@ -78,7 +80,11 @@ def write_vector(model: GPT2, tokens: Sequence[int], node: NodeIndex) -> Float[T
 
 
 def node_view(
-    model: GPT2, tokenizer: Tokenizer, tokens: Sequence[int], node: NodeIndex, n: int = 10
+    model: TransformerModel,
+    tokenizer: Tokenizer,
+    tokens: Sequence[int],
+    node: NodeIndex,
+    n: int = 10,
 ) -> dict[str, object]:
     """The vocabulary tokens the node's write vector promotes and suppresses (through the final
     layer norm's gain and the unembedding, mean-centred) and, for an MLP neuron, the prompt's

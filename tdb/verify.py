@@ -13,7 +13,7 @@ from tdb.ablation import Ablation, ablation_hooks
 from tdb.capture import direction_value
 from tdb.direction import Direction
 from tdb.hooks import NO_HOOKS, Hooks, compose
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex
 
 
@@ -41,7 +41,7 @@ class Verified:
 
 
 def verify_nodes(
-    model: GPT2,
+    model: TransformerModel,
     tokens: Sequence[int],
     direction: Direction,
     nodes: Sequence[NodeIndex],

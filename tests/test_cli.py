@@ -176,12 +176,12 @@ def test_bad_input_is_a_short_error_with_exit_code_2(
 
 
 def test_missing_model_and_unsupported_architecture(tmp_path: Path) -> None:
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     for model, message in [
         (str(tmp_path / "missing"), "neither a checkpoint directory nor a model"),
         ("no-such-model-name", "local Hugging Face cache"),
-        (str(tmp_path / "llama"), "unsupported architecture 'llama' (supported: gpt2)"),
+        (str(tmp_path / "bert"), "unsupported architecture 'bert' (supported: gpt2, llama"),
     ]:
         proc = subprocess.run(
             [*TDB, "nodes", "hi", "--target", " a", "--distractor", " b", "--model", model],

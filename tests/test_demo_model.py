@@ -34,9 +34,9 @@ from tdb.demo.evaluate import (
 )
 
 REQUIRED_NAMES = (
-    "Mary John Tom Anna Sarah David Lisa Mark James Emma Paul Kate Peter Alice Laura Michael "
-    "Robert Susan George Helen"
-).split()
+    "Mary", "John", "Tom", "Anna", "Sarah", "David", "Lisa", "Mark", "James", "Emma",
+    "Paul", "Kate", "Peter", "Alice", "Laura", "Michael", "Robert", "Susan", "George", "Helen",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,6 @@ def test_document_layout_matches_a_naive_loop() -> None:
 
 
 def test_missing_bible_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bible.shutil, "which", lambda _: None)
+    monkeypatch.setattr("shutil.which", lambda _: None)
     with pytest.raises(bible.BibleNotInstalledError, match="apt-get install -y bible-kjv-text"):
         bible.load_bible_chapters()

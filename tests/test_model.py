@@ -70,8 +70,8 @@ def test_model_name_resolves_from_local_hf_cache(
 def test_missing_model_and_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(TdbError, match="neither a checkpoint directory nor a model"):
         load_model(str(tmp_path / "nope"))
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(TdbError, match="unsupported architecture 'llama'"):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(TdbError, match="unsupported architecture 'bert'"):
         load_model(tmp_path)
 
 

@@ -82,7 +82,10 @@ class DocumentMix:
 
     def __init__(self, tokenizer: Tokenizer, chapters: list[list[str]], seed: int) -> None:
         self.tokenizer = tokenizer
-        self.eot = tokenizer.token_to_id(END_OF_TEXT)
+        eot = tokenizer.token_to_id(END_OF_TEXT)
+        if eot is None:
+            raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+        self.eot: int = eot
         self.rng = random.Random(seed)
         d_vocab = tokenizer.get_vocab_size()
         exclude = frozenset({self.eot})
@@ -93,8 +96,7 @@ class DocumentMix:
             "capitals": capital_document,
         }
         self.makers: dict[str, Callable[[random.Random], list[int]]] = {
-            kind: (lambda rng, make=make: self._encode(make(rng)))
-            for kind, make in text_kinds.items()
+            kind: self._encoded(make) for kind, make in text_kinds.items()
         }
         self.makers["induction"] = lambda rng: induction_document(rng, d_vocab, exclude)
         # Calibrate on a separate stream so the training stream depends on the seed alone.
@@ -115,8 +117,15 @@ class DocumentMix:
             ]
         self.token_counts = dict.fromkeys(self.kinds, 0)
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def _encoded(
+        self, make: Callable[[random.Random], str]
+    ) -> Callable[[random.Random], list[int]]:
+        """A document maker that returns token ids instead of text."""
+
+        def make_ids(rng: random.Random) -> list[int]:
+            return list(self.tokenizer.encode(make(rng), add_special_tokens=False).ids)
+
+        return make_ids
 
     def row(self, length: int, rng: random.Random | None = None) -> list[int]:
         """`length` tokens of whole documents, each followed by end-of-text (the last cut)."""
@@ -124,7 +133,7 @@ class DocumentMix:
         out: list[int] = []
         while len(out) < length:
             kind = rng.choices(self.kinds, self.weights)[0]
-            doc = self.makers[kind](rng) + [self.eot]
+            doc = [*self.makers[kind](rng), self.eot]
             self.token_counts[kind] += min(len(doc), length - len(out))
             out += doc
         return out[:length]

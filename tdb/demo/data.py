@@ -2,7 +2,7 @@
 
     >>> import random
     >>> rng = random.Random(0)
-    >>> doc = ioi_document(rng)  # "When Mary and John went to the store, John gave a drink to Mary."
+    >>> ioi_document(rng)  # "When Mary and John went to the store, John gave a drink to Mary."
     >>> prompts = heldout_ioi_prompts(n=10, seed=0)
     >>> prompts[0].io in NAMES and prompts[0].s in NAMES
     True
@@ -178,12 +178,14 @@ def heldout_capital_adjacencies() -> frozenset[tuple[int, int]]:
     return frozenset(held)
 
 
-def _name_pair(rng: random.Random) -> tuple[str, str]:
-    """Two distinct names whose pair is not held out, in random order."""
+def _name_pair(rng: random.Random, others: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """Two distinct names, in random order, that form no held-out pair with each other or with
+    any name in `others` (the names already in the document)."""
     held = heldout_name_pairs()
     while True:
         a, b = rng.sample(NAMES, 2)
-        if frozenset((a, b)) not in held:
+        pairs = {frozenset((a, b))} | {frozenset((n, o)) for n in (a, b) for o in others if o != n}
+        if not pairs & held:
             return a, b
 
 
@@ -218,8 +220,10 @@ def simple_name_document(rng: random.Random) -> str:
     True
     """
     sentences = []
+    used: frozenset[str] = frozenset()
     for _ in range(rng.randint(1, 3)):
-        a, b = _name_pair(rng)
+        a, b = _name_pair(rng, used)
+        used |= {a, b}
         sentences.append(
             rng.choice(_SIMPLE_TEMPLATES).format(
                 A=a, B=b, place=rng.choice(PLACES), obj=rng.choice(OBJECTS)

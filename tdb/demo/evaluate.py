@@ -30,7 +30,7 @@ from tdb.demo.data import (
     heldout_ioi_prompts,
 )
 from tdb.demo.tokenizer import END_OF_TEXT
-from tdb.model import GPT2
+from tdb.models.base import TransformerModel
 from tdb.tokens import Tokenizer
 
 IOI_MIN_LOGIT_DIFF = 2.0
@@ -82,7 +82,7 @@ class DemoEval:
 
 @torch.no_grad()
 def last_token_logits(
-    model: GPT2, prompts: list[list[int]], batch_size: int = 128
+    model: TransformerModel, prompts: list[list[int]], batch_size: int = 128
 ) -> Float[Tensor, "prompt d_vocab"]:
     """The next-token logits after each prompt (prompts of any length, right-padded).
 
@@ -105,7 +105,7 @@ def last_token_logits(
     return torch.cat(out)
 
 
-def ioi_scores(model: GPT2, tokenizer: Tokenizer, n: int) -> tuple[float, float]:
+def ioi_scores(model: TransformerModel, tokenizer: Tokenizer, n: int) -> tuple[float, float]:
     """(mean right-minus-wrong logit difference, accuracy) on `n` held-out IOI prompts.
 
     >>> diff, accuracy = ioi_scores(model, tokenizer, n=400)
@@ -120,7 +120,7 @@ def ioi_scores(model: GPT2, tokenizer: Tokenizer, n: int) -> tuple[float, float]
 
 
 @torch.no_grad()
-def induction_accuracy(model: GPT2, tokenizer: Tokenizer, n: int) -> float:
+def induction_accuracy(model: TransformerModel, tokenizer: Tokenizer, n: int) -> float:
     """Top-1 accuracy on the second copy of `n` repeated random sequences.
 
     The first token of the second copy is not counted: nothing says where the repeat begins.
@@ -141,7 +141,7 @@ def induction_accuracy(model: GPT2, tokenizer: Tokenizer, n: int) -> float:
     return correct / total
 
 
-def capital_accuracy(model: GPT2, tokenizer: Tokenizer) -> tuple[float, int]:
+def capital_accuracy(model: TransformerModel, tokenizer: Tokenizer) -> tuple[float, int]:
     """(top-1 accuracy, number of prompts) on the held-out capital -> country prompts.
 
     >>> capital_accuracy(model, tokenizer)
@@ -153,7 +153,7 @@ def capital_accuracy(model: GPT2, tokenizer: Tokenizer) -> tuple[float, int]:
 
 
 def evaluate_model(
-    model: GPT2, tokenizer: Tokenizer, n_ioi: int = 400, n_induction: int = 200
+    model: TransformerModel, tokenizer: Tokenizer, n_ioi: int = 400, n_induction: int = 200
 ) -> DemoEval:
     """All held-out scores of `model` (put in eval mode; float32 on CPU is fine).
 
