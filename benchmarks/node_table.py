@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdb.checkpoint import save_checkpoint
-from tdb.model import GPT2, GPT2Config
+from tdb.models.gpt2 import GPT2, GPT2Config
 
 HERE = Path(__file__).parent
 TDB = Path(sys.executable).parent / "tdb"

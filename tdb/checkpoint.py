@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.model import ACTIVATIONS, GPT2, GPT2Config
 from tdb.models import llama, neox
 from tdb.models.base import TransformerModel
+from tdb.models.gpt2 import GPT2, GPT2Config
 from tdb.models.hf import HFConfig
+from tdb.models.layers import ACTIVATIONS
 from tdb.tokens import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "checkpoint"

@@ -31,7 +31,7 @@ from tdb.demo.batches import IGNORE, Batch, DocumentMix, document_layout
 from tdb.demo.bible import BibleNotInstalledError, bible_document, load_bible_chapters
 from tdb.demo.evaluate import DemoEval, evaluate_model
 from tdb.demo.tokenizer import D_VOCAB, END_OF_TEXT, check_tokenizer, train_tokenizer
-from tdb.model import GPT2, GPT2Config
+from tdb.models.gpt2 import GPT2, GPT2Config
 from tdb.tokens import Tokenizer
 
 DEMO_CONFIG = GPT2Config(

@@ -5,7 +5,7 @@
 
 A model is our own straight-line code for one architecture, with the same named hook points at
 the same meaning everywhere, its weights in the shapes the math uses, and these few members.
-GPT-2 (`tdb.model.GPT2`), the Llama family (`tdb.models.llama.Llama`) and GPT-NeoX
+GPT-2 (`tdb.models.gpt2.GPT2`), the Llama family (`tdb.models.llama.Llama`) and GPT-NeoX
 (`tdb.models.neox.NeoX`) all satisfy it; nothing inherits from it (it is a `Protocol`).
 """
 

@@ -1,5 +1,6 @@
-"""Pieces shared by the rotary architectures: RMSNorm, rotary position embeddings, the causal
-(optionally sliding-window) mask, grouped-query attention, and the plain and gated MLPs.
+"""Pieces shared by the architectures: activations, LayerNorm, RMSNorm, rotary position
+embeddings, the causal (optionally sliding-window) mask, grouped-query attention, and the plain
+and gated MLPs.
 
     >>> rotary = Rotary.at(position_ids, RopeConfig(theta=10000.0, rotary_dim=64))
     >>> out = attn(ln_1(x, hooks), rotary, causal_mask(n_pos, None, None, x.device), hooks)
@@ -16,12 +17,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tdb.hooks import HookPoint, Hooks
 
 ROPE_SCALINGS = ("default", "linear", "llama3")
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 def normal(*shape: int, std: float = 0.02) -> nn.Parameter:
@@ -31,6 +42,25 @@ def normal(*shape: int, std: float = 0.02) -> nn.Parameter:
 
 def zeros(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape))
+
+
+class LayerNorm(nn.Module):
+    """Layer norm whose scale 1/sqrt(var + eps) is a hook point, so it can be read or frozen."""
+
+    def __init__(self, d_model: int, eps: float, scale_point: HookPoint) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.eps = eps
+        self.scale_point = scale_point
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
+    ) -> Float[Tensor, "batch pos d_model"]:
+        centred = x - x.mean(dim=-1, keepdim=True)
+        scale = (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt()  # [batch pos 1]
+        scale = hooks(self.scale_point, scale)
+        return centred * scale * self.w + self.b
 
 
 class RMSNorm(nn.Module):

@@ -19,9 +19,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
-from tdb.model import ACTIVATIONS, LayerNorm
 from tdb.models.hf import HFConfig, rope_from_hf
-from tdb.models.layers import MLP, Attention, RopeConfig, Rotary, causal_mask, normal
+from tdb.models.layers import (
+    ACTIVATIONS,
+    MLP,
+    Attention,
+    LayerNorm,
+    RopeConfig,
+    Rotary,
+    causal_mask,
+    normal,
+)
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class NeoX(nn.Module):
         attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None = None,
         logit_positions: Int[Tensor, " logit_pos"] | None = None,
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
-        """Logits at `logit_positions` (default every position); see `tdb.model.GPT2.forward`."""
+        """Logits at `logit_positions` (default every position); see `GPT2.forward`."""
         batch, n_pos = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)

@@ -12,24 +12,14 @@ and to the Hugging Face layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from tdb.models.layers import ACTIVATIONS, MLP, LayerNorm
 
 
 @dataclass(frozen=True)
@@ -51,25 +41,6 @@ class GPT2Config:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
-
-
-class LayerNorm(nn.Module):
-    """Layer norm whose scale 1/sqrt(var + eps) is a hook point, so it can be read or frozen."""
-
-    def __init__(self, d_model: int, eps: float, scale_point: HookPoint) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d_model))
-        self.b = nn.Parameter(torch.zeros(d_model))
-        self.eps = eps
-        self.scale_point = scale_point
-
-    def forward(
-        self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
-    ) -> Float[Tensor, "batch pos d_model"]:
-        centred = x - x.mean(dim=-1, keepdim=True)
-        scale = (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt()  # [batch pos 1]
-        scale = hooks(self.scale_point, scale)
-        return centred * scale * self.w + self.b
 
 
 class Attention(nn.Module):
@@ -122,33 +93,13 @@ class Attention(nn.Module):
         return x_key @ self.W_V[head] + self.b_V[head]
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
-        super().__init__()
-        self.W_in = nn.Parameter(torch.empty(config.d_model, config.d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(config.d_mlp))
-        self.W_out = nn.Parameter(torch.empty(config.d_mlp, config.d_model))
-        self.b_out = nn.Parameter(torch.zeros(config.d_model))
-        self.act = ACTIVATIONS[config.activation]
-
-    def forward(
-        self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
-    ) -> Float[Tensor, "batch pos d_model"]:
-        pre = hooks(HookPoint.MLP_PRE, x @ self.W_in + self.b_in)
-        post = hooks(HookPoint.MLP_POST, self.act(pre))
-        return post @ self.W_out + self.b_out
-
-    def pre_activation(self, x: Float[Tensor, " d_model"], neuron: int) -> Float[Tensor, ""]:
-        return x @ self.W_in[:, neuron] + self.b_in[neuron]
-
-
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN1_SCALE)
         self.attn = Attention(config, layer)
         self.ln_2 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN2_SCALE)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.d_model, config.d_mlp, ACTIVATIONS[config.activation])
         self.mlp_input = HookPoint.RESID_MID
 
     def forward(
