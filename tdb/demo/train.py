@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
 from tdb.checkpoint import load_model, save_checkpoint
@@ -82,6 +83,7 @@ class TrainingLog:
     history: list[dict[str, float | int]] = field(default_factory=list)
     final: dict[str, float | int] = field(default_factory=dict)
     finished: bool = False
+    init_from: str | None = None  # checkpoint this run continued from, if any
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -206,7 +208,10 @@ def train(args: argparse.Namespace) -> TrainingLog:
     train_chapters = [c for i, c in enumerate(chapters) if i not in held_out]
     prose_chapters = [chapters[i] for i in sorted(held_out)]
 
-    hf_tokenizer = train_tokenizer(train_chapters, seed=args.seed)
+    if args.init_from is None:
+        hf_tokenizer = train_tokenizer(train_chapters, seed=args.seed)
+    else:  # continue training: keep the first run's tokenizer, or its weights mean nothing
+        hf_tokenizer = HFTokenizer.from_file(str(args.init_from / "tokenizer.json"))
     check_tokenizer(hf_tokenizer)
     tokenizer = Tokenizer(hf_tokenizer, D_VOCAB)
     eot = tokenizer.single_token(END_OF_TEXT, "end of text")
@@ -217,6 +222,12 @@ def train(args: argparse.Namespace) -> TrainingLog:
     model.init_weights(seed=args.seed)
     with torch.no_grad():
         model.W_pos.copy_(sinusoid_positions(DEMO_CONFIG.n_ctx, DEMO_CONFIG.d_model, std=0.02))
+    if args.init_from is not None:
+        start_from = load_model(args.init_from).model
+        if not isinstance(start_from, GPT2):
+            raise ValueError(f"--init-from {args.init_from}: not a GPT-2 checkpoint")
+        model.load_state_dict(start_from.state_dict())
+        log.init_from = str(args.init_from)
     log.n_parameters = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     schedule = Schedule(args.lr, args.warmup, int(args.steps * 0.8), args.steps)
@@ -320,6 +331,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--steps", type=int, default=5000, help="planned optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from this checkpoint's weights and tokenizer (fresh optimiser and schedule)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
