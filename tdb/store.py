@@ -102,9 +102,11 @@ class GridBlock:
 def grid_coords(node_type: NodeType, shape: tuple[int, ...], flat: Tensor) -> Tensor:
     """[n 4] node coordinates of flat indices into a grid of `node_type`."""
     out = torch.tensor(NODE_TEMPLATE, dtype=torch.long).repeat(len(flat), 1)
-    axes = GRID_AXES[node_type]
-    for column, axis_coord in zip(axes, torch.unravel_index(flat, shape), strict=True):
-        out[:, column] = axis_coord
+    rest = flat
+    # Last axis first: coordinate = rest mod size (torch.unravel_index is ~100x slower here).
+    for column, size in zip(reversed(GRID_AXES[node_type]), reversed(shape), strict=True):
+        out[:, column] = rest % size
+        rest = rest // size
     return out
 
 

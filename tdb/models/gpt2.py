@@ -135,7 +135,8 @@ class GPT2(nn.Module):
             if config.tie_unembed
             else nn.Parameter(torch.empty(config.d_model, config.d_vocab))
         )
-        self.init_weights()
+        if not self.W_E.is_meta:  # loading builds on the meta device and replaces every weight
+            self.init_weights()
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """GPT-2's initialisation: normal(0, std), residual writes scaled by 1/sqrt(2·n_layer)."""
