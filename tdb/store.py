@@ -55,20 +55,31 @@ def ranked(values: Tensor, k: int, largest: bool = True, valid: Tensor | None = 
     """
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    # Fast path: torch.topk orders ties arbitrarily and ranks NaN above everything, so its answer
-    # stands as is only when the k winners and the first loser are distinct numbers and nodes.
-    if k < len(values):
-        top_values, top_indices = chunked_topk(values, k + 1, largest)
-        ordered = top_values[:-1] > top_values[1:] if largest else top_values[:-1] < top_values[1:]
-        if bool(ordered.all()) and (valid is None or bool(valid[top_indices].all())):
-            return top_indices[:k]  # (a NaN makes `ordered` False)
+    # Fast path: torch.topk orders ties arbitrarily and ranks NaN above everything. Look a little
+    # past the k-th value: if the last value seen is strictly worse than the k-th, every value
+    # tied with the k-th was seen, and sorting those few by (value, index) is the exact answer.
+    for look_past in (1, 64):
+        if k + look_past > len(values):
+            break
+        top_values, top_indices = chunked_topk(values, k + look_past, largest)
+        kth, last = top_values[k - 1], top_values[-1]
+        if bool(torch.isnan(top_values).any()) or bool(kth == last):
+            continue  # NaN in sight, or the k-th value's ties may go on past what was seen
+        if valid is not None and not bool(valid[top_indices].all()):
+            break  # non-nodes among the best: the slow path excludes them
+        keep = top_values >= kth if largest else top_values <= kth
+        candidates, candidate_values = top_indices[keep], top_values[keep]
+        by_index = torch.argsort(candidates)
+        candidates, candidate_values = candidates[by_index], candidate_values[by_index]
+        order = torch.sort(candidate_values, descending=largest, stable=True).indices
+        return candidates[order[:k]]
     signed = values if largest else -values
     valid = ~torch.isnan(signed) if valid is None else valid & ~torch.isnan(signed)
     k = min(k, int(valid.sum()))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
     signed = signed.masked_fill(~valid, -math.inf)
-    kth = torch.topk(signed, k).values[-1]
+    kth = chunked_topk(signed, k, largest=True)[0][-1]
     candidates = ((signed >= kth) & valid).nonzero().squeeze(1)  # ascending index
     order = torch.sort(signed[candidates], descending=True, stable=True).indices
     return candidates[order[:k]]
