@@ -1,25 +1,28 @@
-"""The debugger finds the demo model's circuits: ablating the heads the node table ranks highest
-removes most of the behaviour; ablating random heads from the same layers does not."""
+"""The debugger finds the demo model's circuits.
+
+For each prompt, the node table's top 3 attention-head nodes by estimated total effect (act x grad;
+a head node is one head at one (query, key) pair) are zero-ablated together; that removes at least
+half of the mean logit difference. The control zero-ablates, at the same (query, key) pairs, a
+random other head of the same layer (10 draws): that removes less than a fifth.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
 import pytest
 import torch
 
 from tdb.ablation import Ablation, ablation_hooks
-from tdb.capture import capture, direction_value
+from tdb.capture import direction_value
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.demo.data import heldout_induction_sequences, heldout_ioi_prompts
 from tdb.direction import LogitDiff
-from tdb.hooks import NO_HOOKS
 from tdb.metrics import Group
 from tdb.nodes import NodeIndex, NodeType
-from tdb.token_views import effect_by_head
+from tdb.table import node_table
 
-Case = tuple[list[int], LogitDiff]
+Case = tuple[list[int], int, int]  # tokens, target, distractor (at the last token)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +31,11 @@ def demo() -> LoadedModel:
 
 
 def ioi_cases(loaded: LoadedModel, n: int) -> list[Case]:
-    cases = []
-    for prompt in heldout_ioi_prompts(n):
-        tokens = loaded.tokenizer.encode(prompt.text)
-        io = loaded.tokenizer.single_token(" " + prompt.io, "io")
-        s = loaded.tokenizer.single_token(" " + prompt.s, "s")
-        cases.append((tokens, LogitDiff((io,), (s,), len(tokens) - 1)))
-    return cases
+    tok = loaded.tokenizer
+    return [
+        (tok.encode(p.text), tok.single_token(" " + p.io, "io"), tok.single_token(" " + p.s, "s"))
+        for p in heldout_ioi_prompts(n)
+    ]
 
 
 def induction_cases(loaded: LoadedModel, n: int) -> list[Case]:
@@ -42,72 +43,46 @@ def induction_cases(loaded: LoadedModel, n: int) -> list[Case]:
     the current one in the first half; the distractor is the sequence's first token."""
     rng = random.Random(0)
     cases = []
-    special = frozenset({0})
-    for seq in heldout_induction_sequences(n, loaded.model.config.d_vocab, special, seed=1):
+    for seq in heldout_induction_sequences(n, loaded.model.config.d_vocab, frozenset({0}), seed=1):
         half = len(seq) // 2
         m = rng.randrange(3, half - 1)
-        tokens = seq[: half + m]
-        target, distractor = seq[m], seq[0]
-        if target == distractor:
-            continue
-        cases.append((tokens, LogitDiff((target,), (distractor,), len(tokens) - 1)))
+        if seq[m] != seq[0]:
+            cases.append((seq[: half + m], seq[m], seq[0]))
     return cases
 
 
-def whole_head_ablation(
-    loaded: LoadedModel, tokens: list[int], heads: Sequence[tuple[int, int]]
-) -> list[Ablation]:
-    """Zero each head's output at every query position."""
-    return [
-        Ablation(NodeIndex(NodeType.ATTENTION_HEAD, layer, q, head))
-        for layer, head in heads
-        for q in range(len(tokens))
-    ]
-
-
-def mean_value(loaded: LoadedModel, cases: list[Case], heads: Sequence[tuple[int, int]]) -> float:
-    values = []
-    for tokens, direction in cases:
-        hooks = (
-            ablation_hooks(loaded.model, tokens, whole_head_ablation(loaded, tokens, heads))
-            if heads
-            else NO_HOOKS
-        )
-        values.append(direction_value(loaded.model, torch.tensor(tokens), direction, hooks))
-    return sum(values) / len(values)
-
-
-def top_heads(loaded: LoadedModel, cases: list[Case], n: int) -> list[tuple[int, int]]:
-    """The n heads with the largest summed act x grad over all their pairs and all prompts."""
-    total = sum(
-        effect_by_head(capture(loaded.model, torch.tensor(t), d, [Group.ACT_TIMES_GRAD]).store)
-        for t, d in cases
-    )
-    assert isinstance(total, torch.Tensor)
-    flat = torch.argsort(total.flatten(), descending=True)[:n]
-    return [(int(i) // total.shape[1], int(i) % total.shape[1]) for i in flat]
+def ablated_value(loaded: LoadedModel, case: Case, nodes: list[NodeIndex]) -> float:
+    tokens, target, distractor = case
+    direction = LogitDiff((target,), (distractor,), len(tokens) - 1)
+    hooks = ablation_hooks(loaded.model, tokens, [Ablation(n) for n in nodes])
+    return direction_value(loaded.model, torch.tensor(tokens), direction, hooks)
 
 
 def check_circuit(loaded: LoadedModel, cases: list[Case]) -> dict[str, float]:
     assert len(cases) >= 20
-    baseline = mean_value(loaded, cases, [])
-    heads = top_heads(loaded, cases, 3)
-    ablated = mean_value(loaded, cases, heads)
     rng = random.Random(0)
     n_head = loaded.model.config.n_head
-    random_cuts = []
-    for _ in range(10):
-        drawn: set[tuple[int, int]] = set()
-        for layer, _head in heads:  # one random head from each top head's layer
-            options = [(layer, h) for h in range(n_head) if (layer, h) not in heads]
-            drawn.add(rng.choice([o for o in options if o not in drawn]))
-        random_cuts.append(1 - mean_value(loaded, cases, sorted(drawn)) / baseline)
+    baseline, top, control = [], [], [[] for _ in range(10)]
+    for case in cases:
+        tokens, target, distractor = case
+        table = node_table(loaded, tokens, target, distractor, k=3, groups=[Group.ACT_TIMES_GRAD])
+        heads = [n for n in table.nodes if n.node_type is NodeType.ATTENTION_HEAD][:3]
+        baseline.append(table.direction_value)
+        top.append(ablated_value(loaded, case, heads))
+        for draw in control:
+            others = [
+                NodeIndex(n.node_type, n.layer, n.token,
+                          rng.choice([h for h in range(n_head) if h != n.index]), n.key_token)
+                for n in heads
+            ]  # fmt: skip
+            draw.append(ablated_value(loaded, case, others))
+    mean = sum(baseline) / len(baseline)
     result = {
-        "baseline": baseline,
-        "top3_cut": 1 - ablated / baseline,
-        "random_cut": sum(random_cuts) / len(random_cuts),
+        "baseline": mean,
+        "top3_cut": 1 - sum(top) / len(top) / mean,
+        "random_cut": sum(1 - sum(d) / len(d) / mean for d in control) / len(control),
     }
-    print(f"heads {heads}: {result}")
+    print(result)
     return result
 
 
