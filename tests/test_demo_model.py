@@ -63,7 +63,7 @@ def test_demo_passes_heldout_thresholds(scores: DemoEval) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known shortfall (issue 3 stays open): the shipped model gets about 77-80% of held-out "
+    reason="known shortfall (issue 3 stays open): the shipped model gets 84.2% of held-out "
     "IOI prompts right, under the 90% target; strict, so it fails once a better model ships",
 )
 def test_demo_ioi_accuracy_reaches_the_target(scores: DemoEval) -> None:
