@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from reference_rotary import Reference, naive_run
+from node_values import all_nodes, reference_values
+from reference_rotary import naive_run
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -34,8 +35,7 @@ from tdb.errors import TdbError
 from tdb.hooks import HookPoint, Hooks
 from tdb.metrics import ALL_GROUPS, METRICS, Group
 from tdb.models.llama import Llama
-from tdb.nodes import NodeIndex, NodeType
-from tdb.store import GridBlock, ScalarStore
+from tdb.nodes import NodeType
 from tdb.table import node_table
 
 ARCHITECTURES: dict[str, tuple[Any, Any]] = {
@@ -130,40 +130,6 @@ def test_logits_match_transformers(checkpoint: tuple[PreTrainedModel, Path]) -> 
 
 
 # --- every metric of every node against the naive reference ------------------------------------
-
-
-def reference_values(ref: Reference, node: NodeIndex, position: int) -> dict[Group, float]:
-    if node.node_type is NodeType.EMBEDDING:
-        activation = 1.0
-        write = ref.resid[node.token]
-        act_times_grad = float((ref.resid[node.token] * ref.resid_grad[node.token]).sum())
-    elif node.node_type is NodeType.ATTENTION_HEAD:
-        assert node.layer is not None and node.key_token is not None
-        q, k = node.token, node.key_token
-        activation = float(ref.probs[node.layer][node.index][q, k])
-        write = ref.head_writes[node.layer][node.index][q, k]
-        act_times_grad = activation * float(ref.probs_grad[node.layer][node.index][q, k])
-    else:
-        assert node.layer is not None
-        activation = float(ref.post[node.layer][node.token, node.index])
-        write = ref.neuron_writes[node.layer][node.token, node.index]
-        act_times_grad = activation * float(ref.post_grad[node.layer][node.token, node.index])
-    return {
-        Group.ACTIVATION: activation,
-        Group.WRITE_NORM: float(write.norm()),
-        Group.DIRECT_EFFECT: float(ref.contribution(write)) if node.token == position else 0.0,
-        Group.ACT_TIMES_GRAD: act_times_grad,
-    }
-
-
-def all_nodes(store: ScalarStore) -> list[NodeIndex]:
-    nodes = []
-    for node_type, block in store.blocks.items():
-        assert isinstance(block, GridBlock)
-        flat = torch.arange(len(block.values[Group.ACTIVATION]))
-        valid = ~torch.isnan(block.values[Group.ACTIVATION])
-        nodes += [NodeIndex.from_coords(node_type, row) for row in block.coords(flat[valid])]
-    return nodes
 
 
 @pytest.mark.parametrize("position", [len(TOKENS) - 1, 6])

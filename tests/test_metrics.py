@@ -14,54 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import make_checkpoint
-from reference import Reference, naive_run
+from node_values import all_nodes, reference_values
+from reference import naive_run
 from transformers import GPT2LMHeadModel
 
 from tdb.capture import capture
 from tdb.checkpoint import load_model
 from tdb.direction import LogitDiff
 from tdb.metrics import ALL_GROUPS, METRICS, Group
-from tdb.nodes import NodeIndex, NodeType
-from tdb.store import GridBlock, ScalarStore
+from tdb.nodes import NodeType
 
 TOKENS = [5, 17, 99, 250, 3, 17, 42, 8, 77]
 TARGET, DISTRACTOR = 11, 12
-
-
-def reference_values(ref: Reference, node: NodeIndex, position: int) -> dict[Group, float]:
-    """The four metrics of one node, from the naive model alone."""
-    if node.node_type is NodeType.EMBEDDING:
-        activation = 1.0
-        write = ref.resid[node.token]
-        act_times_grad = float((ref.resid[node.token] * ref.resid_grad[node.token]).sum())
-    elif node.node_type is NodeType.ATTENTION_HEAD:
-        assert node.layer is not None and node.key_token is not None
-        q, k = node.token, node.key_token
-        activation = float(ref.probs[node.layer][node.index][q, k])
-        write = ref.head_writes[node.layer][node.index][q, k]
-        act_times_grad = activation * float(ref.probs_grad[node.layer][node.index][q, k])
-    else:
-        assert node.layer is not None
-        activation = float(ref.post[node.layer][node.token, node.index])
-        write = ref.neuron_writes[node.layer][node.token, node.index]
-        act_times_grad = activation * float(ref.post_grad[node.layer][node.token, node.index])
-    direct = float(ref.contribution(write)) if node.token == position else 0.0
-    return {
-        Group.ACTIVATION: activation,
-        Group.WRITE_NORM: float(write.norm()),
-        Group.DIRECT_EFFECT: direct,
-        Group.ACT_TIMES_GRAD: act_times_grad,
-    }
-
-
-def all_nodes(store: ScalarStore) -> list[NodeIndex]:
-    nodes = []
-    for node_type, block in store.blocks.items():
-        assert isinstance(block, GridBlock)
-        flat = torch.arange(len(block.values[Group.ACTIVATION]))
-        valid = ~torch.isnan(block.values[Group.ACTIVATION])
-        nodes += [NodeIndex.from_coords(node_type, row) for row in block.coords(flat[valid])]
-    return nodes
 
 
 @pytest.fixture(
