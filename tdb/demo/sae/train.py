@@ -27,6 +27,7 @@ Needs the Bible text: `apt-get install -y bible-kjv-text bible-kjv`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -191,6 +192,14 @@ def evaluate(
     return out
 
 
+def weights_digest(directory: Path) -> str:
+    """SHA-256 of the checkpoint's weights file(s): which model these SAEs were trained on."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def train(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     start = time.monotonic()
@@ -231,6 +240,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     stats = evaluate(loaded, shipped, eval_mix, args.eval_batches, args.rows)
     report: dict[str, object] = {
         "model": str(loaded.path.name if args.model is None else args.model),
+        "model_sha256": weights_digest(loaded.path),
         "settings": {
             "d_sae": args.d_sae,
             "k": args.k,
@@ -252,6 +262,24 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
+def card_table(report: dict[str, object]) -> str:
+    """The model card's table (docs/model-card.md) from a `sae_stats.json` report."""
+    saes = report["saes"]
+    assert isinstance(saes, dict)
+    lines = [
+        "| SAE | fraction of variance explained | mean L0 | dead latents |",
+        "|---|---|---|---|",
+    ]
+    for name, stats in saes.items():
+        site, layer = name.rsplit(".", 1)
+        lines.append(
+            f"| layer {layer} {site.replace('_', ' ')} | "
+            f"{stats['fraction_of_variance_explained']:.3f} | {stats['mean_l0']:.1f} | "
+            f"{100 * stats['dead_share']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tdb.demo.sae.train", description=__doc__)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: demo)")
@@ -266,12 +294,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-batches", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--card", action="store_true", help="only print the model card table of --out's stats"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.card:
+        print(card_table(json.loads((args.out / "sae_stats.json").read_text())))
+        return 0
     try:
-        train(parse_args(argv))
+        train(args)
     except BibleNotInstalledError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
