@@ -395,3 +395,20 @@ def test_demo_model_has_latent_tables(capsys: pytest.CaptureFixture[str]) -> Non
     latents = [n for n in out["nodes"] if n["node_type"] == "autoencoder_latent"]
     assert latents and {n["node_type"] for n in out["nodes"]} == {"embedding", "autoencoder_latent"}
     assert {n["site"] for n in latents} <= {"attn_out", "mlp_out"}
+
+
+def test_training_folds_its_input_scale_into_the_saved_sae() -> None:
+    """The demo's training script trains on x / scale; the SAE it saves reads raw x."""
+    from tdb.demo.sae.train import finished, new_trainee, train_step
+
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    trainee = new_trainee(LatentSite.MLP_OUT, 0, x, d_sae=32, k=4, lr=1e-2, seed=0)
+    for _ in range(3):
+        train_step(trainee, x, k_aux=8, dead_after=1, aux_weight=1 / 32)
+    saved = finished(trainee).sae
+    with torch.no_grad():
+        z = trainee.sae.encode(x / trainee.scale)
+        x_hat = trainee.scale * (z @ trainee.sae.W_dec + trainee.sae.pre_bias)
+        torch.testing.assert_close(saved.encode(x), z, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(saved.decode(saved.encode(x)), x_hat, atol=1e-4, rtol=1e-4)
+    assert torch.equal(saved.pre_bias, saved.decoder_bias)  # storable in OpenAI's layout
