@@ -17,6 +17,9 @@ decoder, which is what activation x gradient of a latent needs), while the paths
 z and through z_ref cancel, so every other node's gradient is the model's own, not the SAE's
 approximation. Editing z (ablating a latent) changes the site by exactly decode(z') - decode(z).
 
+`resolve_saes` decides which SAEs a node table attaches and which node types it shows (the demo
+model's own SAEs when latents are asked for and none are given).
+
 A latent's write vector into the residual stream: z_j * W_dec[j] for SAEs on the attention or
 MLP output; z_j * (W_dec[j] @ W_out) for SAEs on the MLP post-activation, whose decoder rows
 live in the MLP's hidden space.
@@ -25,15 +28,17 @@ live in the MLP's hidden space.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from jaxtyping import Float
 from torch import Tensor
 
+from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel
 from tdb.errors import TdbError
 from tdb.hooks import HookFn, HookPoint, Hooks
 from tdb.models.base import ModelConfig, TransformerModel
-from tdb.nodes import LatentSite
-from tdb.sae import AttachedSae
+from tdb.nodes import LatentSite, NodeType
+from tdb.sae import AttachedSae, load_saes
 
 SITE_POINTS = {
     LatentSite.ATTN_OUT: HookPoint.ATTN_OUT,
@@ -116,3 +121,54 @@ def write_directions(
     if attached.site is LatentSite.MLP_POST:
         return W_dec @ model.block(attached.layer).mlp.W_out.detach()
     return W_dec
+
+
+MLP_NODE_CHOICES = ("neurons", "latents", "both")
+ATTN_NODE_CHOICES = ("heads", "latents", "both")
+DEMO_SAE_DIR = DEMO_MODEL_DIR.parent / "sae"
+
+
+def resolve_saes(
+    loaded: LoadedModel,
+    saes: Sequence[AttachedSae | str | Path],
+    mlp_nodes: str = "neurons",
+    attn_nodes: str = "heads",
+) -> tuple[list[AttachedSae], set[NodeType]]:
+    """The SAEs to attach and the node types to show.
+
+    Latents of every SAE given are nodes (next to neurons and heads). `mlp_nodes="latents"`
+    shows MLP latents instead of neurons, `"both"` both; `attn_nodes` likewise for heads. Asking
+    for latents of a kind no given SAE provides attaches the demo model's own SAEs (demo model
+    only; other models need `saes`).
+    """
+    if mlp_nodes not in MLP_NODE_CHOICES:
+        raise TdbError(f"--mlp-nodes must be one of {', '.join(MLP_NODE_CHOICES)}")
+    if attn_nodes not in ATTN_NODE_CHOICES:
+        raise TdbError(f"--attn-nodes must be one of {', '.join(ATTN_NODE_CHOICES)}")
+    attached: list[AttachedSae] = []
+    for sae in saes:
+        attached += [sae] if isinstance(sae, AttachedSae) else load_saes(sae)
+    wanted = {"MLP": mlp_nodes != "neurons", "attention": attn_nodes != "heads"}
+    for kind, wants in wanted.items():
+
+        def reads(a: AttachedSae, kind: str = kind) -> bool:
+            return a.site.reads_mlp == (kind == "MLP")
+
+        if not wants or any(reads(a) for a in attached):
+            continue
+        is_demo = loaded.path.resolve() == DEMO_MODEL_DIR.resolve()
+        if not is_demo or not DEMO_SAE_DIR.is_dir():
+            raise TdbError(
+                f"{kind} latents need an SAE on this model's {kind} (--sae DIR_OR_FILE); "
+                "only the demo model has SAEs built in"
+            )
+        attached += [a for a in load_saes(DEMO_SAE_DIR) if reads(a)]
+    check_saes(attached, loaded.model.config)
+    shown = {NodeType.EMBEDDING}
+    if mlp_nodes != "latents":
+        shown.add(NodeType.MLP_NEURON)
+    if attn_nodes != "latents":
+        shown.add(NodeType.ATTENTION_HEAD)
+    if attached:
+        shown.add(NodeType.AUTOENCODER_LATENT)
+    return ordered(attached), shown

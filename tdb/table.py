@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tdb.ablation import Ablation, ablation_hooks, parse_ablation
 from tdb.capture import Capture, capture
-from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel
+from tdb.checkpoint import LoadedModel
 from tdb.direction import (
     AttentionLogit,
     Direction,
@@ -31,11 +31,11 @@ from tdb.direction import (
 )
 from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
-from tdb.latents import check_saes, latent_sizes, ordered
+from tdb.latents import check_saes, latent_sizes, resolve_saes
 from tdb.metrics import ALL_GROUPS, Group
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
-from tdb.sae import AttachedSae, load_saes
+from tdb.sae import AttachedSae
 from tdb.store import ScalarStore
 from tdb.token_views import effect_by_token, logit_view, node_view
 from tdb.tokens import Tokenizer
@@ -132,55 +132,6 @@ class NodeTable:
 
 TokenSpec = str | int
 TRACE_MODES = ("q", "k", "qk", "v")
-MLP_NODE_CHOICES = ("neurons", "latents", "both")
-ATTN_NODE_CHOICES = ("heads", "latents", "both")
-DEMO_SAE_DIR = DEMO_MODEL_DIR.parent / "sae"
-
-
-def resolve_saes(
-    loaded: LoadedModel,
-    saes: Sequence[AttachedSae | str | Path],
-    mlp_nodes: str = "neurons",
-    attn_nodes: str = "heads",
-) -> tuple[list[AttachedSae], set[NodeType]]:
-    """The SAEs to attach and the node types to show.
-
-    Latents of every SAE given are nodes (next to neurons and heads). `mlp_nodes="latents"`
-    shows MLP latents instead of neurons, `"both"` both; `attn_nodes` likewise for heads. Asking
-    for latents of a kind no given SAE provides attaches the demo model's own SAEs (demo model
-    only; other models need `saes`).
-    """
-    if mlp_nodes not in MLP_NODE_CHOICES:
-        raise TdbError(f"--mlp-nodes must be one of {', '.join(MLP_NODE_CHOICES)}")
-    if attn_nodes not in ATTN_NODE_CHOICES:
-        raise TdbError(f"--attn-nodes must be one of {', '.join(ATTN_NODE_CHOICES)}")
-    attached: list[AttachedSae] = []
-    for sae in saes:
-        attached += [sae] if isinstance(sae, AttachedSae) else load_saes(sae)
-    wanted = {"MLP": mlp_nodes != "neurons", "attention": attn_nodes != "heads"}
-    for kind, wants in wanted.items():
-
-        def reads(a: AttachedSae, kind: str = kind) -> bool:
-            return a.site.reads_mlp == (kind == "MLP")
-
-        if not wants or any(reads(a) for a in attached):
-            continue
-        is_demo = loaded.path.resolve() == DEMO_MODEL_DIR.resolve()
-        if not is_demo or not DEMO_SAE_DIR.is_dir():
-            raise TdbError(
-                f"{kind} latents need an SAE on this model's {kind} (--sae DIR_OR_FILE); "
-                "only the demo model has SAEs built in"
-            )
-        attached += [a for a in load_saes(DEMO_SAE_DIR) if reads(a)]
-    check_saes(attached, loaded.model.config)
-    shown = {NodeType.EMBEDDING}
-    if mlp_nodes != "latents":
-        shown.add(NodeType.MLP_NEURON)
-    if attn_nodes != "latents":
-        shown.add(NodeType.ATTENTION_HEAD)
-    if attached:
-        shown.add(NodeType.AUTOENCODER_LATENT)
-    return ordered(attached), shown
 
 
 def only(cap: Capture, shown: set[NodeType]) -> Capture:
@@ -419,7 +370,7 @@ def node_table(
     - `saes`: sparse autoencoders (loaded, or paths for `tdb.sae.load_saes`) attached inside
       the forward pass; their latents are nodes (`am1.42@5`). `mlp_nodes="latents"` /
       `attn_nodes="latents"` show latents instead of neurons / heads (`"both"`: next to them);
-      the demo model brings its own SAEs. See `resolve_saes` and docs/sae.md.
+      the demo model brings its own SAEs. See `tdb.latents.resolve_saes` and docs/sae.md.
     """
     if k < 0:
         raise TdbError(f"k must be >= 0, got {k}")
