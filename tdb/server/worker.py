@@ -36,7 +36,7 @@ class ModelWorker:
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.queue_size = queue_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tdb-model")
+        self._executor: ThreadPoolExecutor | None = None  # started by the first job
         self._lock = threading.Lock()
         self._pending = 0  # the running job plus the waiting ones
         self._mean_seconds = 0.1  # running mean of job times, for Retry-After
@@ -55,7 +55,14 @@ class ModelWorker:
             if self._pending > self.queue_size:
                 raise QueueFullError(self.retry_after())
             self._pending += 1
-        future = self._executor.submit(self._timed, job)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tdb-model")
+            executor = self._executor
+        try:
+            future = executor.submit(self._timed, job)
+        except BaseException:
+            self._release(None)
+            raise
         # Released when the job ends (or is cancelled before it starts), not when this caller
         # stops waiting: a job whose client went away still occupies the thread until it ends.
         future.add_done_callback(self._release)  # type: ignore[arg-type]
@@ -69,10 +76,14 @@ class ModelWorker:
             elapsed = time.perf_counter() - start
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
 
-    def _release(self, _: Future[object]) -> None:
+    def _release(self, _: Future[object] | None) -> None:
         with self._lock:
             self._pending -= 1
 
     def close(self) -> None:
-        """Cancel waiting jobs, wait for the running one, and end the thread."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Cancel waiting jobs, wait for the running one, and end the thread (the next job, if
+        any, starts a new one: an app may be started and stopped several times, as in tests)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
