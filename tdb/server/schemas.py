@@ -30,9 +30,10 @@ NodeId = Annotated[str, Field(min_length=1, max_length=64, examples=["h2.3@13:1"
 
 
 class Strict(BaseModel):
-    """Unknown fields are an error (a typo such as `targt` must not be silently ignored)."""
+    """Unknown fields are an error (a typo such as `targt` must not be silently ignored), and
+    so is a value of another type (`"k": "5"`): what the schema says is what is accepted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PromptRequest(Strict):
