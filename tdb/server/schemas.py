@@ -26,6 +26,9 @@ TokenIds = Annotated[list[int], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
 Prompt = Text | TokenIds
 TokenSpec = Annotated[str, Field(max_length=200)] | int
 Tokens = TokenSpec | Annotated[list[TokenSpec], Field(max_length=MAX_LIST)]
+# Strict models take an enum's member only as a Python object; from JSON it is its value.
+GroupName = Annotated[Group, Field(strict=False)]
+NodeTypeName = Annotated[NodeType, Field(strict=False)]
 NodeId = Annotated[str, Field(min_length=1, max_length=64, examples=["h2.3@13:1"])]
 
 
@@ -72,10 +75,10 @@ class PromptRequest(Strict):
 
 class NodeTableRequest(PromptRequest):
     k: int = Field(default=10, ge=1, le=MAX_K, description="nodes per metric and node type")
-    groups: Annotated[list[Group], Field(min_length=1, max_length=len(ALL_GROUPS))] = Field(
+    groups: Annotated[list[GroupName], Field(min_length=1, max_length=len(ALL_GROUPS))] = Field(
         default_factory=lambda: list(ALL_GROUPS), description="the metrics (table columns)"
     )
-    node_types: Annotated[list[NodeType], Field(max_length=len(NodeType))] | None = Field(
+    node_types: Annotated[list[NodeTypeName], Field(max_length=len(NodeType))] | None = Field(
         default=None,
         description="show only these node types (display only: the cached result is reused)",
     )
