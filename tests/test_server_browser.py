@@ -167,6 +167,8 @@ def test_a_multi_token_target_is_explained(page: Page, base_url: str) -> None:
     page.goto(base_url + "/")
     page.click("#example")
     page.fill("#target", " Maryanne")
+    # Shown while typing, before the request is submitted.
+    expect(page.locator('[data-testid="warning-target"]')).to_contain_text("not a single token")
     page.click("#submit")
     expect(page.locator('[data-testid="warning-target"]')).to_contain_text('" Mary" | "an" | "ne"')
     expect(page.locator("#error")).to_contain_text("must be a single token")

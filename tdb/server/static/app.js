@@ -195,6 +195,24 @@ function renderWarnings(items) {
   }
 }
 
+// While typing: how target and distractor split, before anything is submitted.
+let splitTimer = null;
+
+function checkSplits() {
+  clearTimeout(splitTimer);
+  splitTimer = setTimeout(async () => {
+    const items = [["target", $("target").value], ["distractor", $("distractor").value]];
+    try {
+      const { responses } = await postJson("/api/batch", {
+        requests: items.map(([, text]) => ({ route: "tokenize", request: { text } })),
+      });
+      renderWarnings(items.map(([name, text], i) => [name, text, responses[i]]));
+    } catch {
+      // The submitted request will report what is wrong.
+    }
+  }, 300);
+}
+
 // ---- rendering ------------------------------------------------------------------------------
 
 function fmt(value) {
@@ -413,7 +431,10 @@ async function start() {
     $("prompt").value = IOI.prompt;
     $("target").value = IOI.target;
     $("distractor").value = IOI.distractor;
+    checkSplits();
   });
+  $("target").addEventListener("input", checkSplits);
+  $("distractor").addEventListener("input", checkSplits);
   $("node-types").addEventListener("change", () => {
     const types = [...$("node-types").querySelectorAll("input:checked")].map((b) => b.value);
     setState({ types });
