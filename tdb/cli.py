@@ -164,6 +164,12 @@ def run_serve(args: argparse.Namespace) -> None:
     app = create_app(
         loaded, max_prompt_tokens=max_prompt_tokens, queue_size=queue_size, cache_size=cache_size
     )
+    if args.host not in {"127.0.0.1", "localhost", "::1"}:
+        print(
+            f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
+            "no authentication",
+            file=sys.stderr,
+        )
     print(f"tdb: serving {loaded.name} at http://{args.host}:{port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=port, log_level="warning")
 

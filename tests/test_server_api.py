@@ -219,6 +219,7 @@ BAD_REQUESTS = [
     ("/api/batch", {"requests": []}, 422, "requests: List should have at least 1 item"),
     ("/api/batch", {"requests": [{"route": "nope", "request": {}}]}, 422, "does not match"),
     ("/api/nowhere", {}, 404, "Not Found"),
+    ("/api/nodes", b" " * (5 << 20), 413, "the request body is over 4194304 bytes"),
 ]
 
 

@@ -4,8 +4,9 @@
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)      # what `tdb serve` does
 
 Errors: bad input (`TdbError`) is 400, a request that does not match the schema (malformed JSON,
-wrong types, out-of-range numbers) is 422, unknown routes 404, a full model queue 503 with
-Retry-After; every one is JSON `{"error": "<what to change>"}`. A 500 means a bug in tdb.
+wrong types, out-of-range numbers) is 422, unknown routes 404, a body over 4 MiB 413, a full
+model queue 503 with Retry-After; every one is JSON `{"error": "<what to change>"}`. A 500
+means a bug in tdb.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
@@ -29,6 +31,7 @@ from tdb.server.state import ServerState
 from tdb.server.worker import ModelWorker, QueueFullError
 
 STATIC_DIR = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 4 << 20  # far above any request the schema allows, far below harm
 
 
 def create_app(
@@ -68,6 +71,7 @@ def create_app(
     for extra in extra_routers:
         app.include_router(extra)
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -75,6 +79,23 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+class BodyLimit:
+    """Answers 413 to a request whose Content-Length is over `max_bytes`, before reading it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                message = f"the request body is over {self.max_bytes} bytes: send less"
+                await error(413, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def error(status: int, message: str, **extra: object) -> JSONResponse:

@@ -237,6 +237,13 @@ function directionLabel(direction) {
         ` at token ${direction.position}`;
     case "logprob":
       return `log p(${names(direction.target_texts)}) at token ${direction.position}`;
+    case "mlp_pre_activation":
+      return `pre-activation of ${direction.node}`;
+    case "attention_logit":
+      return `attention_logit of ${direction.node} through ${direction.through}`;
+    case "attention_value_write":
+      return `attention_value_write of ${direction.node} (its write through v, on the gradient ` +
+        `of ${direction.downstream})`;
     default:
       return `${direction.kind} of ${direction.node ?? "the residual stream"}`;
   }
