@@ -108,6 +108,8 @@ def test_ioi_ablate_trace_and_reload(page: Page, base_url: str) -> None:
     wait_for_results(page)
     expect(page.locator("#direction-label")).to_contain_text(f"attention_logit of {head_id}")
     traced_value = page.locator("#direction-value").inner_text()
+    pinned = page.locator("#candidates tr.pinned td:first-child").all_inner_texts()
+    assert pinned == ['" Mary"', '" John"']  # still pinned while the direction is a trace
     rows = page.locator("#node-table tbody tr").evaluate_all(
         "rows => rows.map(r => r.dataset.node)"
     )

@@ -140,12 +140,21 @@ function requests() {
   if (state.downstream) base.downstream = state.downstream;
   const nodes = { ...base, k: state.k, node_types: state.types };
   if (state.second) nodes.second_prompt = state.second;
-  return [
+  const items = [
     { route: "nodes", request: nodes },
     { route: "views", request: { ...base, view_nodes: state.view } },
     { route: "tokenize", request: { text: state.target } },
     { route: "tokenize", request: { text: state.distractor } },
   ];
+  // A traced direction has no target or distractor to pin: the candidates then come from the
+  // untraced direction (usually a cache hit: it was shown before the trace).
+  if (state.trace) {
+    const untraced = { ...base, view_nodes: [] };
+    delete untraced.trace;
+    delete untraced.downstream;
+    items.push({ route: "views", request: untraced });
+  }
+  return items;
 }
 
 let runId = 0;
@@ -158,13 +167,13 @@ async function run() {
   try {
     const { responses } = await postJson("/api/batch", { requests: requests() });
     if (id !== runId) return; // a newer request is on its way
-    const [nodes, views, target, distractor] = responses;
+    const [nodes, views, target, distractor, untraced] = responses;
     renderWarnings([["target", state.target, target], ["distractor", state.distractor, distractor]]);
-    const failed = [nodes, views].find((r) => r.status !== 200);
+    const failed = [nodes, views, untraced ?? views].find((r) => r.status !== 200);
     if (failed) throw new Error(failed.error.error);
     showError("");
     lastTable = nodes.body;
-    render(nodes.body, views.body);
+    render(nodes.body, views.body, (untraced ?? views).body.logits);
     $("status").textContent = "";
   } catch (error) {
     if (id !== runId) return;
@@ -249,7 +258,7 @@ function directionLabel(direction) {
   }
 }
 
-function render(table, views) {
+function render(table, views, candidates) {
   $("results").hidden = false;
   const direction = table.direction;
   $("direction-label").textContent = directionLabel(direction);
@@ -265,7 +274,7 @@ function render(table, views) {
   }
   $("direction-extra").textContent = extra.length ? `(${extra.join("; ")})` : "";
   renderInterventions();
-  renderCandidates(views.logits);
+  renderCandidates(candidates);
   renderHeatmap(views);
   renderViews(views.nodes);
   renderTable(table);
