@@ -124,7 +124,8 @@ def validation_message(errors: Sequence[dict[str, object]]) -> str:
     """One line a person can act on: `k: Input should be less than or equal to 100; ...`."""
     parts = []
     for e in errors[:5]:
-        loc = [str(p) for p in e.get("loc", ()) or ()]  # type: ignore[attr-defined]
+        raw = e.get("loc")
+        loc = [str(p) for p in raw] if isinstance(raw, list | tuple) else []
         where = ".".join(loc[1:] if loc[:1] == ["body"] else loc) or "request body"
         if e.get("type") == "json_invalid":
             parts.append(f"the request body is not valid JSON ({e.get('msg')})")

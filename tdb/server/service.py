@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
 from tdb.metrics import ALL_GROUPS, Group
-from tdb.nodes import NodeType
+from tdb.nodes import NodeIndex, NodeType
 from tdb.server.schemas import (
     Direction,
     LogitView,
@@ -107,11 +107,35 @@ def run_table(
     )
 
 
-def component_link(row: NodeRow) -> str | None:
+def component_link(node: NodeIndex) -> str | None:
     """Where the component's page lives (served by the corpus scan's router, when present)."""
-    if row.node_type is NodeType.EMBEDDING:
+    if node.node_type is NodeType.EMBEDDING:
         return None
-    return f"/component/{row.node_type.value}/{row.layer}/{row.index}"
+    return f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+
+
+def finite_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def node_rows(table: NodeTable) -> tuple[list[str], list[NodeRow]]:
+    """The table's column names (metrics, then e.g. `_baseline`, `_diff`) and its rows."""
+    columns = {g.value: table.values[g] for g in table.groups} | table.columns
+    rows = [
+        NodeRow(
+            id=node.id,
+            node_type=node.node_type,
+            layer=node.layer,
+            token=node.token,
+            key_token=node.key_token,
+            index=node.index,
+            name=table.node_name(node),
+            component=component_link(node),
+            values={name: finite_float(values[i]) for name, values in columns.items()},
+        )
+        for i, node in enumerate(table.nodes)
+    ]
+    return list(columns), rows
 
 
 def tokens_out(ids: Sequence[int], texts: Sequence[str]) -> list[TokenOut]:
@@ -135,34 +159,20 @@ def node_table_response(
         groups=request.groups,
         verify=request.verify,
     )
-    columns = [g.value for g in table.groups] + list(table.columns)
-    rows = []
-    for row in table.rows():
-        values = {c: finite(row[c]) for c in columns}
-        node = NodeRow(
-            id=str(row["id"]),
-            node_type=NodeType(str(row["node_type"])),
-            layer=row["layer"],  # type: ignore[arg-type]
-            token=row["token"],  # type: ignore[arg-type]
-            key_token=row.get("key_token"),  # type: ignore[arg-type]
-            index=row["index"],  # type: ignore[arg-type]
-            name=str(row["name"]),
-            component=None,
-            values=values,  # type: ignore[arg-type]
-        )
-        node.component = component_link(node)
-        rows.append(node)
-    right = table.extra.get("right_tokens")
-    return NodeTableResponse(
-        tokens=tokens_out(table.tokens, table.token_texts),
-        right_tokens=None if right is None else [TokenOut.model_validate(t) for t in right],  # type: ignore[attr-defined]
-        direction=direction_out(table),
-        k=table.k,
-        groups=table.groups,
-        columns=columns,
-        nodes=rows,
-        verification=finite(table.extra.get("verification")),  # type: ignore[arg-type]
-        verification_summary=finite(table.extra.get("verification_summary")),  # type: ignore[arg-type]
+    columns, rows = node_rows(table)
+    extra = {
+        k: table.extra.get(k) for k in ("right_tokens", "verification", "verification_summary")
+    }
+    return NodeTableResponse.model_validate(
+        {
+            "tokens": tokens_out(table.tokens, table.token_texts),
+            "direction": direction_out(table),
+            "k": table.k,
+            "groups": table.groups,
+            "columns": columns,
+            "nodes": rows,
+        }
+        | extra
     )
 
 

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ class ModelWorker:
             raise
         # Released when the job ends (or is cancelled before it starts), not when this caller
         # stops waiting: a job whose client went away still occupies the thread until it ends.
-        future.add_done_callback(self._release)  # type: ignore[arg-type]
+        future.add_done_callback(self._release)
         return await asyncio.wrap_future(future)
 
     def _timed(self, job: Callable[[], T]) -> T:
@@ -76,7 +76,7 @@ class ModelWorker:
             elapsed = time.perf_counter() - start
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
 
-    def _release(self, _: Future[object] | None) -> None:
+    def _release(self, _: object) -> None:
         with self._lock:
             self._pending -= 1
 
