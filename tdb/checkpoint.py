@@ -274,5 +274,5 @@ def save_checkpoint(model: GPT2, directory: Path, dtype: torch.dtype = torch.flo
         "eos_token_id": 0,
     }
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    tensors = {k: v.to(dtype).contiguous() for k, v in state_dict_to_hf(model).items()}
+    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in state_dict_to_hf(model).items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -1,4 +1,5 @@
-"""The `tdb` command. `tdb nodes "PROMPT" --target " Mary" --distractor " John" [-k 10] [--json]`.
+"""The `tdb` command. `tdb nodes "PROMPT" --target " Mary" --distractor " John" [-k 10] [--json]`;
+`tdb serve [--model DIR] [--port 8000]` for the web page and HTTP API.
 
 Every error the user can fix prints one line naming the problem and exits with code 2.
 """
@@ -90,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("-k", type=str, default="10", help="nodes per metric and node type")
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the web page and the HTTP API",
+        description="Load a model once and serve the node table as a web page (/) and an HTTP "
+        "API (/api/..., schema at /openapi.json).",
+    )
+    serve.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", default="8000", help="port (default 8000)")
+    serve.add_argument(
+        "--max-prompt-tokens", default="512", metavar="N", help="longest prompt (default 512)"
+    )
+    serve.add_argument(
+        "--queue-size", default="8", metavar="N", help="model jobs that may wait (default 8)"
+    )
+    serve.add_argument(
+        "--cache-size", default="256", metavar="N", help="results kept in memory (default 256)"
+    )
     return parser
 
 
@@ -149,6 +169,34 @@ def run_nodes(args: argparse.Namespace) -> None:
         print_node_table(table, loaded.name)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    port = parse_int(args.port, "--port", minimum=0)
+    if port > 65535:
+        raise TdbError(f"--port: must be <= 65535, got {port}")
+    max_prompt_tokens = parse_int(args.max_prompt_tokens, "--max-prompt-tokens", minimum=1)
+    queue_size = parse_int(args.queue_size, "--queue-size", minimum=0)
+    cache_size = parse_int(args.cache_size, "--cache-size", minimum=0)
+
+    import uvicorn
+
+    from tdb.checkpoint import load_model
+    from tdb.server.app import create_app
+
+    # Load before binding: a bad --model stops here with its message, and no server starts.
+    loaded = load_model(args.model)
+    app = create_app(
+        loaded, max_prompt_tokens=max_prompt_tokens, queue_size=queue_size, cache_size=cache_size
+    )
+    if args.host not in {"127.0.0.1", "localhost", "::1"}:
+        print(
+            f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
+            "no authentication",
+            file=sys.stderr,
+        )
+    print(f"tdb: serving {loaded.name} at http://{args.host}:{port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=port, log_level="warning")
+
+
 def resolve_choice(
     texts: list[str] | None, id_text: str | None, flag: str, id_flag: str, required: bool
 ) -> list[str] | list[int] | None:
@@ -166,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "nodes":
             run_nodes(args)
+        elif args.command == "serve":
+            run_serve(args)
     except TdbError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,14 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def loaded(checkpoint_dir: Path) -> LoadedModel:
     return load_model(checkpoint_dir)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the test item (`item.report_call`), so a fixture can tell
+    in its teardown whether the test failed (the browser tests then save a screenshot)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -40,6 +40,9 @@ MIX: dict[str, float] = {
     "capitals": 0.10,
     "induction": 0.30,
 }
+# How many times a training induction document repeats its sequence (drawn per document). Two,
+# like the evaluation; a GPU sweep with (2, 3) and (3,) formed induction heads *later*.
+INDUCTION_COPIES: tuple[int, ...] = (2,)
 IGNORE = -100  # target value that cross-entropy skips
 
 
@@ -51,6 +54,15 @@ class Batch:
     targets: Int[Tensor, "batch pos"]  # IGNORE after each end-of-text
     position_ids: Int[Tensor, "batch pos"]
     attention_mask: Bool[Tensor, "batch query_pos key_pos"]  # same document only
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device`."""
+        return Batch(
+            self.tokens.to(device),
+            self.targets.to(device),
+            self.position_ids.to(device),
+            self.attention_mask.to(device),
+        )
 
 
 def document_layout(
@@ -98,7 +110,9 @@ class DocumentMix:
         self.makers: dict[str, Callable[[random.Random], list[int]]] = {
             kind: self._encoded(make) for kind, make in text_kinds.items()
         }
-        self.makers["induction"] = lambda rng: induction_document(rng, d_vocab, exclude)
+        self.makers["induction"] = lambda rng: induction_document(
+            rng, d_vocab, exclude, copies=rng.choice(INDUCTION_COPIES)
+        )
         # Calibrate on a separate stream so the training stream depends on the seed alone.
         # Start from share / mean length, then correct for documents cut at the row end.
         probe = random.Random(f"calibrate-{seed}")

@@ -99,7 +99,7 @@ def last_token_logits(
         tokens = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, p in enumerate(chunk):
             tokens[row, : len(p)] = torch.tensor(p)
-        logits = model(tokens)  # [batch pos d_vocab]
+        logits = model(tokens.to(model.unembed.device)).cpu()  # [batch pos d_vocab]
         last = torch.tensor([len(p) - 1 for p in chunk])
         out.append(logits[torch.arange(len(chunk)), last].float())
     return torch.cat(out)
@@ -132,7 +132,8 @@ def induction_accuracy(model: TransformerModel, tokenizer: Tokenizer, n: int) ->
     correct = total = 0
     for seq in seqs:  # short sequences: one forward each is fast enough and needs no padding
         half = len(seq) // 2
-        predicted = model(torch.tensor([seq]))[0].argmax(dim=-1)  # [pos]
+        device = model.unembed.device
+        predicted = model(torch.tensor([seq], device=device))[0].argmax(dim=-1).cpu()  # [pos]
         targets = torch.tensor(seq)
         # Position p predicts token p + 1; count predictions of tokens half+1 .. end.
         hits = predicted[half : len(seq) - 1] == targets[half + 1 :]

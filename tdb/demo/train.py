@@ -8,6 +8,8 @@ downloaded. Writes `config.json` + `model.safetensors` (float16), `tokenizer.jso
 every `--eval-every` steps and, once every score clears its threshold with a margin, decays the
 learning rate to zero over a short cool-down and stops. IOI and induction both appear as sudden
 jumps after a flat stretch (see docs/model-card.md), so the step count matters more than anything.
+`--device cuda` runs the same recipe on a GPU, for recipe experiments; the shipped checkpoint is
+trained on CPU.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def make_optimizer(model: GPT2, lr: float, weight_decay: float) -> torch.optim.A
 
 def batch_loss(model: torch.nn.Module, batch: Batch, bf16: bool) -> Tensor:
     """Mean next-token cross-entropy over the batch's predicted positions."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(
             batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask
         )
@@ -218,6 +220,7 @@ def train(args: argparse.Namespace) -> TrainingLog:
     mix = DocumentMix(hf_tokenizer, train_chapters, seed=args.seed)
     prose = prose_batch(prose_chapters, tokenizer, DEMO_CONFIG.n_ctx, eot)
 
+    device = torch.device(args.device)
     model = GPT2(DEMO_CONFIG)
     model.init_weights(seed=args.seed)
     with torch.no_grad():
@@ -228,10 +231,14 @@ def train(args: argparse.Namespace) -> TrainingLog:
             raise ValueError(f"--init-from {args.init_from}: not a GPT-2 checkpoint")
         model.load_state_dict(start_from.state_dict())
         log.init_from = str(args.init_from)
+    model.to(device)
+    prose = prose.to(device)
     log.n_parameters = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     schedule = Schedule(args.lr, args.warmup, int(args.steps * 0.8), args.steps)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cpu_has_fast_bf16())
+    bf16 = args.dtype == "bf16" or (
+        args.dtype == "auto" and device.type == "cpu" and cpu_has_fast_bf16()
+    )
     log.autocast_bf16 = bf16
     step_model: torch.nn.Module = model
     if args.compile:
@@ -249,7 +256,7 @@ def train(args: argparse.Namespace) -> TrainingLog:
     tuner = ThreadTuner(max_threads=torch.get_num_threads() if args.tune_threads else 1)
     while step < schedule.end:
         tuner.before_step(step)
-        batch = mix.batch(args.batch_size, DEMO_CONFIG.n_ctx)
+        batch = mix.batch(args.batch_size, DEMO_CONFIG.n_ctx).to(device)
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
         t_step = time.time()
@@ -357,6 +364,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep torch's thread count instead of trying 1 vs all",
     )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device; the shipped checkpoint is trained on cpu (others: recipe experiments)",
+    )
     return parser.parse_args(argv)
 
 

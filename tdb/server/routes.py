@@ -1,0 +1,116 @@
+"""The API routes: model info, tokenize, node table, token views, and a batch of those.
+
+Every route has a response model; errors are JSON `{"error": "..."}` with a 4xx status (see
+`tdb.server.app` for the mapping), 503 with Retry-After when the model worker's queue is full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from tdb.errors import TdbError
+from tdb.metrics import ALL_GROUPS
+from tdb.nodes import NodeType
+from tdb.server.schemas import (
+    MAX_K,
+    BatchRequest,
+    BatchResponse,
+    BatchResult,
+    ErrorResponse,
+    ModelInfo,
+    NodeTableRequest,
+    NodeTableResponse,
+    TokenizeItem,
+    TokenizeRequest,
+    TokenizeResponse,
+    ViewsItem,
+    ViewsRequest,
+    ViewsResponse,
+)
+from tdb.server.service import only_node_types, tokenize
+from tdb.server.state import State
+from tdb.server.worker import QueueFullError
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "bad input: the message says what to change"},
+    422: {"model": ErrorResponse, "description": "the request does not match the schema"},
+    503: {"model": ErrorResponse, "description": "the model is busy: retry after Retry-After s"},
+}
+
+router = APIRouter(prefix="/api", responses=ERRORS)
+
+
+def json_response(body: bytes, cached: bool) -> Response:
+    return Response(
+        body, media_type="application/json", headers={"X-Tdb-Cache": "hit" if cached else "miss"}
+    )
+
+
+@router.get("/model", response_model=ModelInfo)
+async def model_info(state: State) -> ModelInfo:
+    """The loaded model's shape and this server's limits."""
+    config = state.loaded.model.config
+    return ModelInfo(
+        name=state.loaded.name,
+        architecture=type(state.loaded.model).__name__,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        d_model=config.d_model,
+        d_mlp=config.d_mlp,
+        d_vocab=config.d_vocab,
+        n_ctx=config.n_ctx,
+        has_tokenizer=state.loaded.tokenizer.has_text,
+        max_prompt_tokens=min(state.max_prompt_tokens, config.n_ctx),
+        max_k=MAX_K,
+        groups=list(ALL_GROUPS),
+        node_types=[NodeType.EMBEDDING, NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON],
+    )
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize_route(request: TokenizeRequest, state: State) -> TokenizeResponse:
+    """How a text splits into tokens (cheap: answered on the event loop)."""
+    return tokenize(state.loaded, request.text)
+
+
+@router.post("/nodes", response_model=NodeTableResponse)
+async def nodes_route(request: NodeTableRequest, state: State) -> Response:
+    """The node table: ranked nodes with every metric, under ablations, traces, two prompts."""
+    body, cached = await state.node_table(request)
+    if request.node_types is not None:
+        table = NodeTableResponse.model_validate_json(body)
+        body = only_node_types(table, request.node_types).model_dump_json().encode()
+    return json_response(body, cached)
+
+
+@router.post("/views", response_model=ViewsResponse)
+async def views_route(request: ViewsRequest, state: State) -> Response:
+    """Token views: next-token logits, per-token effects, nodes' promoted/suppressed tokens."""
+    body, cached = await state.views(request)
+    return json_response(body, cached)
+
+
+@router.post("/batch", response_model=BatchResponse)
+async def batch_route(request: BatchRequest, state: State) -> BatchResponse:
+    """Several requests in one call, answered in order; each has its own status and error."""
+    results = []
+    for item in request.requests:
+        try:
+            body: NodeTableResponse | ViewsResponse | TokenizeResponse
+            if isinstance(item, TokenizeItem):
+                body = tokenize(state.loaded, item.request.text)
+            elif isinstance(item, ViewsItem):
+                body = ViewsResponse.model_validate_json((await state.views(item.request))[0])
+            else:
+                table = NodeTableResponse.model_validate_json(
+                    (await state.node_table(item.request))[0]
+                )
+                body = only_node_types(table, item.request.node_types)
+            results.append(BatchResult(status=200, body=body))
+        except TdbError as e:
+            results.append(BatchResult(status=400, error=ErrorResponse(error=str(e))))
+        except QueueFullError as e:
+            results.append(BatchResult(status=503, error=ErrorResponse(error=str(e))))
+    return BatchResponse(responses=results)

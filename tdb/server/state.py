@@ -1,0 +1,61 @@
+"""What a running server holds: the model (loaded once), its limits, the worker and the cache.
+
+Routes reach it through the `get_state` dependency; nothing here is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tdb.checkpoint import LoadedModel
+from tdb.server.cache import ResultCache, cache_key
+from tdb.server.schemas import NodeTableRequest, ViewsRequest
+from tdb.server.service import node_table_response, views_response
+from tdb.server.worker import ModelWorker
+
+
+@dataclass(frozen=True)
+class ServerState:
+    loaded: LoadedModel
+    max_prompt_tokens: int
+    worker: ModelWorker
+    cache: ResultCache
+
+    async def node_table(self, request: NodeTableRequest) -> tuple[bytes, bool]:
+        """The table's JSON (before the display-only node type filter), and whether it was
+        cached. The key is the whole request but that filter: the model is fixed per server."""
+        key = cache_key("nodes", request.model_dump_json(exclude={"node_types"}))
+
+        def job() -> bytes:
+            response = node_table_response(self.loaded, request, self.max_prompt_tokens)
+            return response.model_dump_json().encode()
+
+        async def compute() -> bytes:
+            return await self.worker.run(job)
+
+        return await self.cache.get_or_compute(key, compute)
+
+    async def views(self, request: ViewsRequest) -> tuple[bytes, bool]:
+        """The token views' JSON, and whether it was cached."""
+        key = cache_key("views", request.model_dump_json())
+
+        def job() -> bytes:
+            response = views_response(self.loaded, request, self.max_prompt_tokens)
+            return response.model_dump_json().encode()
+
+        async def compute() -> bytes:
+            return await self.worker.run(job)
+
+        return await self.cache.get_or_compute(key, compute)
+
+
+def get_state(request: Request) -> ServerState:
+    state = request.app.state.tdb
+    assert isinstance(state, ServerState)
+    return state
+
+
+State = Annotated[ServerState, Depends(get_state)]
