@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = commands.add_parser(
         "nodes",
         help="rank the nodes that explain logit(target) - logit(distractor)",
-        description="Rank the nodes (MLP neurons, attention heads at (query, key), embeddings) "
-        "that explain logit(target) - logit(distractor) at the last token.",
+        description="Rank the nodes (MLP neurons, attention heads at (query, key), embeddings, "
+        "SAE latents) that explain logit(target) - logit(distractor) at the last token.",
     )
     nodes.add_argument("prompt", nargs="?", help="the prompt text (or use --token-ids)")
     nodes.add_argument(

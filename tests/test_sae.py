@@ -412,3 +412,19 @@ def test_training_folds_its_input_scale_into_the_saved_sae() -> None:
         torch.testing.assert_close(saved.encode(x), z, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(saved.decode(saved.encode(x)), x_hat, atol=1e-4, rtol=1e-4)
     assert torch.equal(saved.pre_bias, saved.decoder_bias)  # storable in OpenAI's layout
+
+
+def test_demo_saes_fit_the_shipped_demo_model() -> None:
+    """The demo SAEs were trained on the shipped checkpoint and meet the variance goal. After
+    retraining the demo model, retrain them: `python -m tdb.demo.sae.train` (about 10 minutes
+    on 2 cores), then update docs/model-card.md (`--card` prints its table)."""
+    from tdb.checkpoint import DEMO_MODEL_DIR
+    from tdb.demo.sae.train import weights_digest
+    from tdb.latents import DEMO_SAE_DIR
+
+    stats = json.loads((DEMO_SAE_DIR / "sae_stats.json").read_text())
+    assert stats["model_sha256"] == weights_digest(DEMO_MODEL_DIR), (
+        "tdb/demo/sae/ was trained on another demo checkpoint: retrain it"
+    )
+    assert len(load_saes(DEMO_SAE_DIR)) == len(stats["saes"]) == 6
+    assert all(s["fraction_of_variance_explained"] >= 0.8 for s in stats["saes"].values())
