@@ -1,0 +1,79 @@
+"""Scanning one shard: batches of windows through the model, summarised per component source.
+
+    >>> partial = scan_shard(model, model_sources(model), shard, ScanSettings(k=20, window=64))
+
+The same function runs in-process and inside a Ray worker; the batches of a shard do not depend
+on where it runs, so neither do the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tdb.models.base import TransformerModel
+from tdb.scan.partial import ScanPartial, summarise_batch
+from tdb.scan.sources import ComponentSource, source_hooks
+from tdb.scan.windows import Shard
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """Everything that decides a scan's result (a resumed scan must use the same)."""
+
+    model: str | None = None  # checkpoint directory or cached name; None: the demo model
+    k: int = 20  # top examples (and random-sample examples) per component
+    window: int = 64  # tokens per window
+    batch_size: int = 32  # windows per forward pass
+    shard_windows: int = 256  # windows per shard (a shard closes at a document boundary)
+    seed: int = 0  # of the random sample
+
+    def resolved(self, model_path: Path) -> dict[str, object]:
+        """The settings as JSON, with the model as a resolved path."""
+        return {
+            "model": str(model_path.resolve()),
+            "k": self.k,
+            "window": self.window,
+            "batch_size": self.batch_size,
+            "shard_windows": self.shard_windows,
+            "seed": self.seed,
+        }
+
+
+# Logits at no position: the scan reads no logits, so the unembedding is skipped.
+NO_LOGITS = torch.zeros(0, dtype=torch.long)
+
+
+def scan_shard(
+    model: TransformerModel,
+    sources: list[ComponentSource],
+    shard: Shard,
+    settings: ScanSettings,
+    on_batch: Callable[[int], None] | None = None,
+) -> ScanPartial:
+    """The shard's partial result; `on_batch(n_tokens)` after every batch (for progress)."""
+    k, window = settings.k, settings.window
+    parts = dict(ScanPartial.empty(sources, k, window).sources)
+    lengths_all = torch.tensor(shard.lengths)
+    with torch.inference_mode():
+        for lo in range(0, len(shard.lengths), settings.batch_size):
+            hi = min(lo + settings.batch_size, len(shard.lengths))
+            lengths = lengths_all[lo:hi]
+            n_pos = int(lengths.max())
+            tokens = torch.tensor(shard.tokens[lo:hi, :n_pos])
+            acts: dict[str, Tensor] = {}
+            model(tokens, hooks=source_hooks(sources, acts), logit_positions=NO_LOGITS)
+            doc_id = torch.tensor(shard.doc_ids[lo:hi])
+            start = torch.tensor(shard.starts[lo:hi])
+            for source in sources:
+                batch = summarise_batch(
+                    source, acts[source.name], lengths, doc_id, start, k, window, settings.seed
+                )
+                parts[source.name] = parts[source.name].merge(batch, k)
+            if on_batch is not None:
+                on_batch(int(lengths.sum()))
+    return ScanPartial(parts, len(shard.lengths), shard.n_tokens, shard.n_docs)
