@@ -103,10 +103,9 @@ def scan(
     `ray_address` ("auto", "local" or a cluster address) shards run as Ray actors."""
     progress = progress or NoProgress()
     loaded = load_model(settings.model)
-    if settings.window > loaded.model.config.n_ctx:
-        raise TdbError(
-            f"--window {settings.window} is longer than the model's context ({loaded.model.config.n_ctx})"
-        )
+    n_ctx = loaded.model.config.n_ctx
+    if settings.window > n_ctx:
+        raise TdbError(f"--window {settings.window} is longer than the model's context ({n_ctx})")
     if not loaded.tokenizer.has_text:
         raise TdbError(f"{loaded.path} has no tokenizer, so it cannot read a text corpus")
     settings = dataclasses.replace(settings, model=str(loaded.path.resolve()))
