@@ -1,12 +1,19 @@
-"""The output folder of a scan, and its shard checkpoints: what makes a scan resumable.
+"""The output folder of a scan, and its checkpoints: what makes a scan resumable.
 
-    DIR/scan.json              settings, corpus fingerprint, and (once finished) totals
-    DIR/shards/shard-000007.npz  the partial result of shard 7, written when the shard is done
-    DIR/examples.parquet       the result (written last), and DIR/stats.parquet
+    DIR/scan.json                settings, corpus fingerprint, and (once finished) totals
+    DIR/state.npz                the merged partial result of shards 0..n-1 (a prefix)
+    DIR/shards/shard-000007.npz  a finished shard not yet in the prefix (Ray finishes out of order)
+    DIR/examples.parquet         the result (written last), and DIR/stats.parquet
+
+Shards are merged into the state strictly in shard order (later ones wait as shard files), so
+the statistics, whose float64 merge is associative only up to rounding, come out bit-identical
+however the shards were run; and the folder holds one state plus at most a few shard files,
+not one checkpoint per shard.
 
 Every file is written to a temporary name and renamed into place, so a killed scan leaves either
-a whole checkpoint or none (a stray `*.tmp` is deleted on restart). A restarted scan skips the
-shards that have a checkpoint; a finished scan (`complete` in scan.json) is left untouched.
+a whole checkpoint or none (a stray `*.tmp` is deleted on restart). A restarted scan skips every
+shard in the state or in a shard file; a finished scan (`complete` in scan.json) is left
+untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ MANIFEST = "scan.json"
 EXAMPLES = "examples.parquet"
 STATS = "stats.parquet"
 SHARDS = "shards"
+STATE = "state.npz"
 FORMAT_VERSION = 1
 
 
@@ -86,17 +94,42 @@ def open_out(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def save_shard(out: Path, index: int, arrays: dict[str, np.ndarray]) -> None:
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(f: BinaryIO) -> None:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
 
-    atomic_write(shard_path(out, index), write)
+    atomic_write(path, write)
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return dict(f.items())
+
+
+def save_shard(out: Path, index: int, arrays: dict[str, np.ndarray]) -> None:
+    _save_arrays(shard_path(out, index), arrays)
 
 
 def load_shard(out: Path, index: int, names: list[str]) -> ScanPartial:
-    with np.load(shard_path(out, index), allow_pickle=False) as f:
-        return ScanPartial.from_arrays(dict(f.items()), names)
+    return ScanPartial.from_arrays(_load_arrays(shard_path(out, index)), names)
 
 
-def finished_shards(out: Path) -> set[int]:
-    return {int(p.stem.removeprefix("shard-")) for p in (out / SHARDS).glob("shard-*.npz")}
+def shard_files(out: Path) -> list[int]:
+    return sorted(int(p.stem.removeprefix("shard-")) for p in (out / SHARDS).glob("shard-*.npz"))
+
+
+def save_state(out: Path, state: ScanPartial, n_shards: int) -> None:
+    """The merge of shards 0..n_shards-1; then their shard files are no longer needed."""
+    arrays = state.to_arrays() | {"prefix_shards": np.array(n_shards, dtype=np.int64)}
+    _save_arrays(out / STATE, arrays)
+    for index in shard_files(out):
+        if index < n_shards:
+            shard_path(out, index).unlink()
+
+
+def load_state(out: Path, names: list[str]) -> tuple[ScanPartial, int] | None:
+    """The saved prefix state and how many shards it holds, or None."""
+    if not (out / STATE).is_file():
+        return None
+    arrays = _load_arrays(out / STATE)
+    return ScanPartial.from_arrays(arrays, names), int(arrays["prefix_shards"])

@@ -2,7 +2,9 @@
 sample of a scan, with one associative merge.
 
     >>> best = Examples.empty(n_components=1024, k=20, window=64, key_dtype=torch.float32)
-    >>> best = best.merge(Examples.from_windows(-window_max, ...), k=20)  # top-k: key = -max
+    >>> best.absorb_windows_(-window_max, window_max, argmax, doc_id, start, acts)  # top-k
+    >>> best.absorb_(other_shard_best)  # merge
+    >>> best.ordered()  # rank 0 first
 
 Windows are ordered by (key, doc_id, start): a total order (a window is one (doc_id, start)), so
 keeping the first k of the union of two selections is associative and commutative, and a scan
@@ -13,10 +15,17 @@ shards finish.
   the earlier document, then the earlier window.
 - random sample: key = a hash of (seed, doc_id, start, component) (`sample_keys`), so each
   component keeps a uniform sample of k windows, chosen by the window's identity alone.
+
+The k examples of a component sit in k slots in no particular order (`ordered()` sorts them).
+Absorbing new candidates sorts keys only and copies per-token values only for the candidates
+that enter, into the slots of the examples they evict: the values, k x window floats per
+component, are the bulk of the state and are never shuffled. Absorbing mutates in place (the
+trailing underscore); the state belongs to the one loop that fills it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -26,10 +35,26 @@ from torch import Tensor
 
 EMPTY_DOC = torch.iinfo(torch.int64).max  # doc_id of an unfilled slot: sorts after every window
 
+# (component, candidate) index pairs -> those candidates' per-token values [pair window]
+FetchValues = Callable[[Tensor, Tensor], Tensor]
+
+
+def lexsort(key: Tensor, doc_id: Tensor, start: Tensor) -> Tensor:
+    """Per row, the column order by (key, doc_id, start): two stable sorts, the window's
+    identity (doc_id, start) packed into one int64 (doc ids < 2^31, starts < 2^32)."""
+    window = (doc_id << 32) | start  # EMPTY_DOC wraps negative: mask it back to the top
+    window = torch.where(doc_id == EMPTY_DOC, torch.iinfo(torch.int64).max, window)
+    order = torch.argsort(window, dim=1, stable=True)
+    return order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+
+
+def _largest(dtype: torch.dtype) -> float | int:
+    return torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+
 
 @dataclass(frozen=True)
 class Examples:
-    """Per component up to k windows, sorted; unfilled slots have doc_id == EMPTY_DOC."""
+    """Per component k slots; an unfilled slot has doc_id == EMPTY_DOC and the largest key."""
 
     key: Tensor  # [component k]  float32 (top-k) or int64 (sample)
     activation: Float[Tensor, "component k"]  # the window's maximum
@@ -40,13 +65,8 @@ class Examples:
 
     @staticmethod
     def empty(n_components: int, k: int, window: int, key_dtype: torch.dtype) -> Examples:
-        big = (
-            torch.finfo(key_dtype).max
-            if key_dtype.is_floating_point
-            else torch.iinfo(key_dtype).max
-        )
         return Examples(
-            key=torch.full((n_components, k), big, dtype=key_dtype),
+            key=torch.full((n_components, k), _largest(key_dtype), dtype=key_dtype),
             activation=torch.full((n_components, k), float("nan")),
             token_position=torch.zeros((n_components, k), dtype=torch.int64),
             doc_id=torch.full((n_components, k), EMPTY_DOC, dtype=torch.int64),
@@ -54,67 +74,90 @@ class Examples:
             values=torch.full((n_components, k, window), float("nan")),
         )
 
-    @staticmethod
-    def from_windows(
+    def _absorb_(
+        self,
+        key: Tensor,  # [component candidate]
+        activation: Tensor,
+        token_position: Tensor,
+        doc_id: Tensor,
+        start: Tensor,
+        fetch: FetchValues,
+    ) -> None:
+        k = self.key.shape[1]
+        # Only rows where some candidate sorts at or before the current last can change.
+        rows = (key <= self.bound()[:, None]).any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        all_key = torch.cat([self.key[rows], key[rows]], dim=1)  # [row k+candidate]
+        all_doc = torch.cat([self.doc_id[rows], doc_id[rows]], dim=1)
+        all_start = torch.cat([self.start[rows], start[rows]], dim=1)
+        keep = torch.zeros_like(all_key, dtype=torch.bool)
+        keep.scatter_(1, lexsort(all_key, all_doc, all_start)[:, :k], True)
+        # Row by row, the i-th evicted slot takes the i-th entering candidate: both lists come
+        # out of nonzero() in row-major order, with as many of each in every row.
+        evicted = (~keep[:, :k]).nonzero()  # [pair 2]: (row, slot)
+        entering = keep[:, k:].nonzero()  # [pair 2]: (row, candidate)
+        if evicted.shape[0] == 0:
+            return
+        component, slot, candidate = rows[evicted[:, 0]], evicted[:, 1], entering[:, 1]
+        self.key[component, slot] = key[component, candidate]
+        self.activation[component, slot] = activation[component, candidate]
+        self.token_position[component, slot] = token_position[component, candidate]
+        self.doc_id[component, slot] = doc_id[component, candidate]
+        self.start[component, slot] = start[component, candidate]
+        self.values[component, slot] = fetch(component, candidate)
+
+    def absorb_windows_(
+        self,
         key: Tensor,  # [component window_count]
         activation: Float[Tensor, "component window_count"],
         token_position: Int[Tensor, "component window_count"],
         doc_id: Int[Tensor, " window_count"],
         start: Int[Tensor, " window_count"],
-        acts: Float[Tensor, "window_count pos component"],  # NaN at padding
-        k: int,
-        window: int,
-    ) -> Examples:
-        """The first k of a batch of windows (which must be in (doc_id, start) order), per
-        component; only the chosen windows' per-token values are copied."""
+        acts: Float[Tensor, "window_count pos component"],  # NaN past each window's length
+        bound: Tensor | None = None,  # [component]
+    ) -> None:
+        """Keep the first k of these and the current examples, per component. Windows whose key
+        sorts after `bound` (the k-th key of examples merged elsewhere) cannot be in the final
+        result and are skipped."""
         n_components, n_windows = key.shape
-        take = min(k, n_windows)
-        chosen = torch.argsort(key, dim=1, stable=True)[:, :take]  # [component take]
-        rows = torch.arange(n_components)[:, None]
-        values = acts.permute(2, 0, 1)[rows, chosen]  # [component take pos]
-        if values.shape[-1] < window:
-            values = torch.nn.functional.pad(
-                values, (0, window - values.shape[-1]), value=float("nan")
-            )
-        picked = Examples(
-            key=key.gather(1, chosen),
-            activation=activation.gather(1, chosen),
-            token_position=token_position.gather(1, chosen),
-            doc_id=doc_id[chosen],
-            start=start[chosen],
-            values=values,
+        window = self.values.shape[2]
+        doc_id, start = (
+            doc_id.expand(n_components, n_windows),
+            start.expand(n_components, n_windows),
         )
-        if take == k:
-            return picked
-        return Examples.empty(n_components, k - take, window, key.dtype).concat(picked).sorted(k)
+        if bound is not None:
+            # A skipped window looks like an unfilled slot that sorts after every other one.
+            out = key > bound[:, None]
+            key = key.masked_fill(out, _largest(key.dtype))
+            doc_id = doc_id.masked_fill(out, EMPTY_DOC)
+            start = start.masked_fill(out, torch.iinfo(torch.int64).max)
 
-    def concat(self, other: Examples) -> Examples:
-        return Examples(
-            **{
-                f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)], dim=1)
-                for f in fields(self)
-            }
+        def fetch(component: Tensor, candidate: Tensor) -> Tensor:
+            values = acts[candidate, :, component]  # [pair pos]
+            return torch.nn.functional.pad(values, (0, window - values.shape[1]), value=np.nan)
+
+        self._absorb_(key, activation, token_position, doc_id, start, fetch)
+
+    def absorb_(self, other: Examples) -> None:
+        """Keep the first k of the union (the merge: associative and commutative)."""
+
+        def fetch(component: Tensor, candidate: Tensor) -> Tensor:
+            return other.values[component, candidate]
+
+        self._absorb_(
+            other.key, other.activation, other.token_position, other.doc_id, other.start, fetch
         )
 
-    def sorted(self, k: int) -> Examples:
-        """The first k slots by (key, doc_id, start), by three stable sorts (last key first)."""
-        order = torch.argsort(self.start, dim=1, stable=True)
-        order = order.gather(1, torch.argsort(self.doc_id.gather(1, order), dim=1, stable=True))
-        order = order.gather(1, torch.argsort(self.key.gather(1, order), dim=1, stable=True))
-        order = order[:, :k]
+    def bound(self) -> Tensor:
+        """Per component the largest key kept: a window with a larger one cannot enter."""
+        return self.key.amax(dim=1)
+
+    def ordered(self) -> Examples:
+        """A copy with each component's examples sorted, first (rank 0) first."""
+        order = lexsort(self.key, self.doc_id, self.start)
         rows = torch.arange(order.shape[0])[:, None]
-        return Examples(
-            key=self.key.gather(1, order),
-            activation=self.activation.gather(1, order),
-            token_position=self.token_position.gather(1, order),
-            doc_id=self.doc_id.gather(1, order),
-            start=self.start.gather(1, order),
-            values=self.values[rows, order],
-        )
-
-    def merge(self, other: Examples, k: int) -> Examples:
-        """The first k of the union: associative and commutative."""
-        return self.concat(other).sorted(k)
+        return Examples(**{f.name: getattr(self, f.name)[rows, order] for f in fields(self)})
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}{f.name}": getattr(self, f.name).numpy() for f in fields(self)}
@@ -122,7 +165,10 @@ class Examples:
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> Examples:
         return Examples(
-            **{f.name: torch.from_numpy(arrays[f"{prefix}{f.name}"]) for f in fields(Examples)}
+            **{
+                f.name: torch.from_numpy(arrays[f"{prefix}{f.name}"].copy())
+                for f in fields(Examples)
+            }
         )
 
 
@@ -149,8 +195,6 @@ def sample_keys(
         window_hash = splitmix64(
             splitmix64(doc_id.astype(np.uint64) ^ np.uint64(seed)) ^ start.astype(np.uint64)
         )
-        component_hash = splitmix64(
-            np.arange(n_components, dtype=np.uint64) + np.uint64(component_base)
-        )
-        keys = splitmix64(component_hash[:, None] ^ window_hash[None, :])
+        components = np.arange(n_components, dtype=np.uint64) + np.uint64(component_base)
+        keys = splitmix64(splitmix64(components)[:, None] ^ window_hash[None, :])
     return torch.from_numpy(keys.view(np.int64))

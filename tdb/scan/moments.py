@@ -71,5 +71,8 @@ class Moments:
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> Moments:
         return Moments(
-            **{f.name: torch.from_numpy(arrays[f"{prefix}{f.name}"]) for f in fields(Moments)}
+            **{
+                f.name: torch.from_numpy(arrays[f"{prefix}{f.name}"].copy())
+                for f in fields(Moments)
+            }
         )

@@ -107,7 +107,7 @@ def examples_table(
     source: ComponentSource, partial: ScanPartial, windows: WindowTokens, vocab: pa.Array
 ) -> pa.Table:
     part = partial.sources[source.name]
-    rows = _flat_rows([part.top, part.sample])
+    rows = _flat_rows([part.top.ordered(), part.sample.ordered()])
     keys = _window_key(rows["doc_id"], rows["start"])
     token_lists = [windows.tokens[int(key)] for key in keys]
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)

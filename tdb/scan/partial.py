@@ -2,7 +2,7 @@
 random sample and its statistics. Partials of disjoint shards merge; the merge is associative.
 
     >>> part = ScanPartial.empty(sources, k=20, window=64)
-    >>> part = part.merge(scan_batch(...))
+    >>> part.absorb_(other_part)  # in place
     >>> np.savez(f, **part.to_arrays())
 """
 
@@ -21,18 +21,21 @@ from tdb.scan.moments import Moments
 from tdb.scan.sources import ComponentSource
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourcePartial:
-    top: Examples  # rank 0 first
-    sample: Examples
+    """One source's partial; `absorb_*` update it in place (it belongs to one loop)."""
+
+    top: Examples  # key: -activation
+    sample: Examples  # key: sample_keys(...)
     moments: Moments
 
-    def merge(self, other: SourcePartial, k: int) -> SourcePartial:
-        return SourcePartial(
-            self.top.merge(other.top, k),
-            self.sample.merge(other.sample, k),
-            self.moments.merge(other.moments),
-        )
+    def absorb_(self, other: SourcePartial) -> None:
+        self.top.absorb_(other.top)
+        self.sample.absorb_(other.sample)
+        self.moments = self.moments.merge(other.moments)
+
+
+Bounds = dict[str, tuple[Tensor, Tensor]]
 
 
 def component_base(source_name: str) -> int:
@@ -40,17 +43,17 @@ def component_base(source_name: str) -> int:
     return zlib.crc32(source_name.encode()) << 32
 
 
-def summarise_batch(
+def absorb_batch_(
+    part: SourcePartial,
     source: ComponentSource,
     acts: Float[Tensor, "batch pos component"],
     lengths: Int[Tensor, " batch"],
     doc_id: Int[Tensor, " batch"],
     start: Int[Tensor, " batch"],
-    k: int,
-    window: int,
     seed: int,
-) -> SourcePartial:
-    """One batch of windows (in (doc_id, start) order) summarised for one source."""
+    bounds: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """Update `part` with one batch of windows of one source."""
     n_pos = acts.shape[1]
     valid = torch.arange(n_pos)[None, :] < lengths[:, None]  # [batch pos]
     acts = acts.float().masked_fill(~valid[..., None], float("nan"))
@@ -59,14 +62,13 @@ def summarise_batch(
     keys = sample_keys(
         seed, component_base(source.name), acts.shape[-1], doc_id.numpy(), start.numpy()
     )
+    top_bound, sample_bound = (None, None) if bounds is None else bounds
+    part.top.absorb_windows_(-activation, activation, position, doc_id, start, acts, top_bound)
+    part.sample.absorb_windows_(keys, activation, position, doc_id, start, acts, sample_bound)
+    part.moments = part.moments.merge(Moments.of(acts.nan_to_num(0.0), valid))
 
-    def pick(key: Tensor) -> Examples:
-        return Examples.from_windows(key, activation, position, doc_id, start, acts, k, window)
 
-    return SourcePartial(pick(-activation), pick(keys), Moments.of(acts.nan_to_num(0.0), valid))
-
-
-@dataclass(frozen=True)
+@dataclass
 class ScanPartial:
     """Per source name, its partial; plus what was read."""
 
@@ -91,15 +93,21 @@ class ScanPartial:
             0,
         )
 
-    def merge(self, other: ScanPartial, k: int) -> ScanPartial:
+    def absorb_(self, other: ScanPartial) -> None:
+        """Merge `other` (a partial of other windows) into this one, in place."""
         if self.sources.keys() != other.sources.keys():
             raise ValueError("partials of different component sources cannot be merged")
-        return ScanPartial(
-            {name: part.merge(other.sources[name], k) for name, part in self.sources.items()},
-            self.n_windows + other.n_windows,
-            self.n_tokens + other.n_tokens,
-            self.n_docs + other.n_docs,
-        )
+        for name, part in self.sources.items():
+            part.absorb_(other.sources[name])
+        self.n_windows += other.n_windows
+        self.n_tokens += other.n_tokens
+        self.n_docs += other.n_docs
+
+    def bounds(self) -> Bounds:
+        """Per source the (top-k, sample) key a window must not exceed to enter (see
+        `Examples.absorb_windows_`): a shard scanned with these as bounds merges into this
+        partial exactly as the shard's own complete partial would."""
+        return {name: (p.top.bound(), p.sample.bound()) for name, p in self.sources.items()}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"counts": np.array([self.n_windows, self.n_tokens, self.n_docs], dtype=np.int64)}

@@ -8,18 +8,23 @@ each returned partial as that shard's checkpoint. Workers must be able to read t
 path the driver resolved (the demo model ships inside the package; for other models, a shared
 file system or the same path on every node).
 
-Every actor runs torch with one thread and so does nothing differently from the in-process scan:
-the partial of a shard depends only on the shard and the settings.
+The partial of a shard depends only on the shard and the settings, with one catch: Ray starts
+its workers with OMP_NUM_THREADS=1, and under that MKL takes its sequential kernels, whose float
+results differ from the threaded ones in the last bit. So the actors start with the driver's
+OMP_NUM_THREADS (torch's thread count when it is unset) and then run torch on one thread, which
+keeps the threaded kernels (checked by the test that compares Ray with the in-process scan).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from tdb.errors import TdbError
+from tdb.scan.partial import Bounds
 from tdb.scan.shard import ScanSettings, scan_shard
 from tdb.scan.windows import Shard
 
@@ -28,15 +33,18 @@ class ShardWorker:
     """A Ray actor: the model, loaded once, and the scan of one shard at a time."""
 
     def __init__(self, settings: ScanSettings) -> None:
+        import torch
+
         from tdb.checkpoint import load_model
         from tdb.scan.sources import model_sources
 
+        torch.set_num_threads(1)  # one actor per CPU
         self.settings = settings
         self.model = load_model(settings.model).model
         self.sources = model_sources(self.model)
 
-    def scan(self, shard: Shard) -> dict[str, np.ndarray]:
-        return scan_shard(self.model, self.sources, shard, self.settings).to_arrays()
+    def scan(self, shard: Shard, bounds: Bounds | None) -> dict[str, np.ndarray]:
+        return scan_shard(self.model, self.sources, shard, self.settings, None, bounds).to_arrays()
 
 
 class RayExecutor:
@@ -53,6 +61,7 @@ class RayExecutor:
         todo: Iterator[Shard],
         done: Callable[[Shard, dict[str, np.ndarray]], None],
         tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
     ) -> None:
         try:
             import ray
@@ -60,9 +69,14 @@ class RayExecutor:
             raise TdbError("--ray needs Ray: pip install 'tdb[ray]'") from None
         if not ray.is_initialized():
             ray.init(address=None if self.address == "local" else self.address)
-        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        # CPUs free now, not in all: an actor that never gets a CPU would hold its shard forever.
+        resources: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
         n_workers = self.workers or max(1, int(resources.get("CPU", 1)))
-        worker_class: Any = ray.remote(num_cpus=1)(ShardWorker)
+        import torch
+
+        threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+        worker_class: Any = ray.remote(num_cpus=1, runtime_env=env)(ShardWorker)
         actors = [worker_class.remote(self.settings) for _ in range(n_workers)]
         idle = list(actors)
         running: dict[Any, tuple[Shard, Any]] = {}  # result ref -> (shard, actor)
@@ -71,7 +85,7 @@ class RayExecutor:
                 if not idle:
                     self._collect(ray, running, idle, done, tokens_read)
                 actor = idle.pop()
-                running[actor.scan.remote(shard)] = (shard, actor)
+                running[actor.scan.remote(shard, bounds())] = (shard, actor)
             while running:
                 self._collect(ray, running, idle, done, tokens_read)
         finally:

@@ -26,7 +26,7 @@ from tdb.errors import TdbError
 from tdb.scan import checkpoints
 from tdb.scan.corpus import corpus_fingerprint, count_documents, read_corpus
 from tdb.scan.output import write_results
-from tdb.scan.partial import ScanPartial
+from tdb.scan.partial import Bounds, ScanPartial
 from tdb.scan.shard import ScanSettings, scan_shard
 from tdb.scan.sources import ComponentSource, model_sources
 from tdb.scan.windows import Shard, shards
@@ -38,10 +38,15 @@ ShardDone = Callable[[Shard, dict[str, np.ndarray]], None]
 
 
 class Executor(Protocol):
-    """Runs shards and hands each finished one's partial (as arrays) to `done`, in any order."""
+    """Runs shards and hands each finished one's partial (as arrays) to `done`, in any order;
+    `bounds()` gives the bounds of the examples merged so far, for the next shard."""
 
     def run(
-        self, todo: Iterator[Shard], done: ShardDone, tokens_read: Callable[[int], None]
+        self,
+        todo: Iterator[Shard],
+        done: ShardDone,
+        tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
     ) -> None: ...
 
 
@@ -54,11 +59,64 @@ class InProcess:
     settings: ScanSettings
 
     def run(
-        self, todo: Iterator[Shard], done: ShardDone, tokens_read: Callable[[int], None]
+        self,
+        todo: Iterator[Shard],
+        done: ShardDone,
+        tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
     ) -> None:
         for shard in todo:
-            partial = scan_shard(self.loaded.model, self.sources, shard, self.settings, tokens_read)
+            model, sources, settings = self.loaded.model, self.sources, self.settings
+            partial = scan_shard(model, sources, shard, settings, tokens_read, bounds())
             done(shard, partial.to_arrays())
+
+
+class Checkpoint:
+    """The merged prefix of finished shards plus finished shards waiting for their turn; every
+    change is on disk before `add` returns (see `checkpoints`)."""
+
+    def __init__(self, out: Path, names: list[str], k: int) -> None:
+        self.out, self.names, self.k = out, names, k
+        self.state: ScanPartial | None = None
+        self.prefix = 0
+        self.waiting: dict[int, ScanPartial] = {}
+
+    @staticmethod
+    def open(out: Path, names: list[str], k: int) -> Checkpoint:
+        checkpoint = Checkpoint(out, names, k)
+        saved = checkpoints.load_state(out, names)
+        if saved is not None:
+            checkpoint.state, checkpoint.prefix = saved
+        for index in checkpoints.shard_files(out):
+            if index < checkpoint.prefix:  # merged already; killed before its file was deleted
+                checkpoints.shard_path(out, index).unlink()
+            else:
+                checkpoint.waiting[index] = checkpoints.load_shard(out, index, names)
+        checkpoint.advance()
+        return checkpoint
+
+    def has(self, index: int) -> bool:
+        return index < self.prefix or index in self.waiting
+
+    def add(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        partial = ScanPartial.from_arrays(arrays, self.names)
+        if index != self.prefix:
+            checkpoints.save_shard(self.out, index, arrays)
+        self.waiting[index] = partial
+        self.advance()
+
+    def advance(self) -> None:
+        """Merge the waiting shards that continue the prefix, in order, and save the state."""
+        start = self.prefix
+        while self.prefix in self.waiting:
+            partial = self.waiting.pop(self.prefix)
+            if self.state is None:
+                self.state = partial
+            else:
+                self.state.absorb_(partial)
+            self.prefix += 1
+        if self.prefix != start and self.state is not None:
+            checkpoints.save_state(self.out, self.state, self.prefix)
 
 
 @dataclass(frozen=True)
@@ -127,44 +185,48 @@ def scan(
             shards_run=0,
         )
 
-    finished = checkpoints.finished_shards(out)
+    checkpoint = Checkpoint.open(out, names, settings.k)
     n_shards = 0
     ran = 0
     kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0"))
 
     def todo() -> Iterator[Shard]:
         nonlocal n_shards
-        for shard in shards(
+        tokenized = shards(
             read_corpus(corpus), loaded.tokenizer, settings.window, settings.shard_windows
-        ):
+        )
+        for shard in tokenized:
             n_shards = shard.index + 1
-            if shard.index in finished:
+            if checkpoint.has(shard.index):
                 progress.docs(shard.n_docs)
                 continue
             yield shard
 
     def done(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
         nonlocal ran
-        checkpoints.save_shard(out, shard.index, arrays)
+        checkpoint.add(shard.index, arrays)
         progress.docs(shard.n_docs)
         ran += 1
         if ran == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def bounds() -> Bounds | None:
+        return None if checkpoint.state is None else checkpoint.state.bounds()
+
     progress.start(count_documents(corpus))
     try:
         if ray_address is None:
-            InProcess(loaded, sources, settings).run(todo(), done, progress.tokens)
+            InProcess(loaded, sources, settings).run(todo(), done, progress.tokens, bounds)
         else:
             from tdb.scan.ray_executor import RayExecutor
 
-            RayExecutor(settings, ray_address).run(todo(), done, progress.tokens)
+            RayExecutor(settings, ray_address).run(todo(), done, progress.tokens, bounds)
     finally:
         progress.stop()
 
-    total = ScanPartial.empty(sources, settings.k, settings.window)
-    for index in range(n_shards):
-        total = total.merge(checkpoints.load_shard(out, index, names), settings.k)
+    if checkpoint.prefix != n_shards:
+        raise RuntimeError(f"shards {checkpoint.prefix}..{n_shards - 1} were not all scanned")
+    total = checkpoint.state or ScanPartial.empty(sources, settings.k, settings.window)
     write_results(out, total, sources, corpus, loaded.tokenizer, settings.window)
     manifest |= {
         "complete": True,

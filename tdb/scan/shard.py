@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tdb.models.base import TransformerModel
-from tdb.scan.partial import ScanPartial, summarise_batch
+from tdb.scan.partial import Bounds, ScanPartial, absorb_batch_
 from tdb.scan.sources import ComponentSource, source_hooks
 from tdb.scan.windows import Shard
 
@@ -54,10 +54,15 @@ def scan_shard(
     shard: Shard,
     settings: ScanSettings,
     on_batch: Callable[[int], None] | None = None,
+    bounds: Bounds | None = None,
 ) -> ScanPartial:
-    """The shard's partial result; `on_batch(n_tokens)` after every batch (for progress)."""
-    k, window = settings.k, settings.window
-    parts = dict(ScanPartial.empty(sources, k, window).sources)
+    """The shard's partial result; `on_batch(n_tokens)` after every batch (for progress).
+
+    With `bounds` (from the examples of the shards merged so far) windows that cannot enter
+    them are skipped: the partial then only holds what the merge with those shards needs,
+    which saves most of the work of keeping top-k lists once they have filled."""
+    k, window, seed = settings.k, settings.window, settings.seed
+    partial = ScanPartial.empty(sources, k, window)
     lengths_all = torch.tensor(shard.lengths)
     with torch.inference_mode():
         for lo in range(0, len(shard.lengths), settings.batch_size):
@@ -70,10 +75,21 @@ def scan_shard(
             doc_id = torch.tensor(shard.doc_ids[lo:hi])
             start = torch.tensor(shard.starts[lo:hi])
             for source in sources:
-                batch = summarise_batch(
-                    source, acts[source.name], lengths, doc_id, start, k, window, settings.seed
+                absorb_batch_(
+                    partial.sources[source.name],
+                    source,
+                    acts[source.name],
+                    lengths,
+                    doc_id,
+                    start,
+                    seed,
+                    None if bounds is None else bounds[source.name],
                 )
-                parts[source.name] = parts[source.name].merge(batch, k)
             if on_batch is not None:
                 on_batch(int(lengths.sum()))
-    return ScanPartial(parts, len(shard.lengths), shard.n_tokens, shard.n_docs)
+    partial.n_windows, partial.n_tokens, partial.n_docs = (
+        len(shard.lengths),
+        shard.n_tokens,
+        shard.n_docs,
+    )
+    return partial

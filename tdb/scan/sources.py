@@ -73,13 +73,18 @@ def head_source(model: TransformerModel, layer: int) -> ComponentSource:
     def compute(captured: Mapping[HookPoint, Tensor]) -> Tensor:
         probs = captured[HookPoint.ATTN_PROBS]  # [batch head query_pos key_pos]
         v = captured[HookPoint.V]  # [batch pos head d_head]
-        rows = [
-            head_write_norm(
-                AttentionInputs(probs=p, grad_probs=None, v=v_row, W_O=W_O, read=NO_READ_OUT)
-            ).amax(dim=-1)  # [head query_pos]: the largest write into each query token
-            for p, v_row in zip(probs, v, strict=True)
-        ]
-        return torch.stack(rows).transpose(1, 2)  # [batch pos head]
+        batch, n_head, n_pos, _ = probs.shape
+        # One call of the metric for the whole batch: the batch's keys laid end to end as one
+        # key axis (each query row only has weight on its own window's keys).
+        flat = AttentionInputs(
+            probs=probs.permute(1, 2, 0, 3).reshape(n_head, n_pos, batch * n_pos),
+            grad_probs=None,
+            v=v.reshape(batch * n_pos, n_head, -1),  # [batch*key_pos head d_head]
+            W_O=W_O,
+            read=NO_READ_OUT,
+        )
+        writes = head_write_norm(flat).reshape(n_head, n_pos, batch, n_pos)  # [h q batch k]
+        return writes.amax(dim=-1).permute(2, 1, 0)  # [batch query_pos head]: max over keys
 
     return ComponentSource(
         NodeType.ATTENTION_HEAD,
