@@ -369,3 +369,41 @@ def test_every_corpus_format_reads_the_same_documents(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(TdbError, match=r"bad.jsonl:2: no string field 'text'"):
         list(read_corpus(tmp_path / "bad.jsonl"))
+
+
+# --- component pages ----------------------------------------------------------------------------
+
+
+def test_component_routes_serve_json_and_a_page(scanned: Path, tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tdb.scan.routes import scan_router
+
+    app = FastAPI()
+    app.include_router(scan_router(scanned))
+    client = TestClient(app)
+    got = client.get("/api/component/mlp_neuron/1/7")
+    assert got.status_code == 200
+    body = got.json()
+    rows = read(scanned).filter(pa.compute.field("layer") == 1).to_pylist()
+    expected = [r for r in rows if r["node_type"] == "mlp_neuron" and r["index"] == 7]
+    assert [e["rank"] for e in body["top"]] == list(range(K))
+    assert [(e["doc_id"], e["window_start"], e["activation"]) for e in body["top"]] == [
+        (r["doc_id"], r["window_start"], r["activation"]) for r in expected if r["rank"] is not None
+    ]
+    assert len(body["random_sample"]) == K
+    assert body["stats"]["count"] > 0 and body["stats"]["max"] == pytest.approx(
+        body["top"][0]["activation"]
+    )
+
+    page = client.get("/component/attention_head/0/2")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "attention_head L0 #2" in page.text and "http" not in page.text.split("<body>")[1]
+    assert client.get("/component/mlp_neuron/0/100000").status_code == 404
+    assert (
+        "no mlp_neuron 100000" in client.get("/api/component/mlp_neuron/0/100000").json()["detail"]
+    )
+    assert client.get("/api/component/neuron/0/1").status_code == 422
+    with pytest.raises(TdbError, match="no finished scan"):
+        scan_router(tmp_path)
