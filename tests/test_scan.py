@@ -174,6 +174,7 @@ def random_examples(rng: torch.Generator, doc_offset: int, n: int = 5, k: int = 
         torch.zeros(n, n_windows, dtype=torch.int64),
         torch.arange(n_windows) // 2 + doc_offset,
         torch.arange(n_windows) % 2,
+        torch.full((n_windows,), 3),
         torch.randn(n_windows, 3, n, generator=rng),
     )
     return ex

@@ -5,6 +5,9 @@
     DIR/shards/shard-000007.npz  a finished shard not yet in the prefix (Ray finishes out of order)
     DIR/examples.parquet         the result (written last), and DIR/stats.parquet
 
+Once the result and the `complete` manifest are written, state.npz is deleted (it is as large
+as the examples, and a finished scan is never merged again).
+
 Shards are merged into the state strictly in shard order (later ones wait as shard files), so
 the statistics, whose float64 merge is associative only up to rounding, come out bit-identical
 however the shards were run; and the folder holds one state plus at most a few shard files,
@@ -125,6 +128,10 @@ def save_state(out: Path, state: ScanPartial, n_shards: int) -> None:
     for index in shard_files(out):
         if index < n_shards:
             shard_path(out, index).unlink()
+
+
+def drop_state(out: Path) -> None:
+    (out / STATE).unlink(missing_ok=True)
 
 
 def load_state(out: Path, names: list[str]) -> tuple[ScanPartial, int] | None:

@@ -2,7 +2,7 @@
 sample of a scan, with one associative merge.
 
     >>> best = Examples.empty(n_components=1024, k=20, window=64, key_dtype=torch.float32)
-    >>> best.absorb_windows_(-window_max, window_max, argmax, doc_id, start, acts)  # top-k
+    >>> best.absorb_windows_(-window_max, window_max, argmax, doc_id, start, lengths, acts)
     >>> best.absorb_(other_shard_best)  # merge
     >>> best.ordered()  # rank 0 first
 
@@ -114,7 +114,8 @@ class Examples:
         token_position: Int[Tensor, "component window_count"],
         doc_id: Int[Tensor, " window_count"],
         start: Int[Tensor, " window_count"],
-        acts: Float[Tensor, "window_count pos component"],  # NaN past each window's length
+        lengths: Int[Tensor, " window_count"],
+        acts: Float[Tensor, "window_count pos component"],  # past each length: padding
         bound: Tensor | None = None,  # [component]
     ) -> None:
         """Keep the first k of these and the current examples, per component. Windows whose key
@@ -135,6 +136,8 @@ class Examples:
 
         def fetch(component: Tensor, candidate: Tensor) -> Tensor:
             values = acts[candidate, :, component]  # [pair pos]
+            pad = torch.arange(values.shape[1])[None, :] >= lengths[candidate][:, None]
+            values = values.masked_fill(pad, np.nan)
             return torch.nn.functional.pad(values, (0, window - values.shape[1]), value=np.nan)
 
         self._absorb_(key, activation, token_position, doc_id, start, fetch)

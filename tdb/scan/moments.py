@@ -39,12 +39,12 @@ class Moments:
         n = x.shape[0]
         if n == 0:
             return Moments.empty(acts.shape[-1])
-        mean = x.mean(dim=0)
+        mean, top = x.mean(dim=0), x.amax(dim=0)
         return Moments(
             count=torch.full((x.shape[1],), n, dtype=torch.int64),
             mean=mean.double(),
-            m2=(x - mean).pow(2).sum(dim=0).double(),
-            max=x.amax(dim=0),
+            m2=x.sub_(mean).square_().sum(dim=0).double(),  # x is our copy: in place
+            max=top,
         )
 
     @property

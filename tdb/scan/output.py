@@ -61,22 +61,32 @@ def _window_key(doc_id: np.ndarray, start: np.ndarray) -> np.ndarray:
 
 
 class WindowTokens:
-    """The token ids of the windows that examples point at, read back from the corpus."""
+    """The token ids of the windows that examples point at, read back from the corpus (the
+    partials keep only (doc_id, start); tokenizing again costs little next to the forward)."""
 
     def __init__(self, corpus: Path, tokenizer: Tokenizer, window: int, keys: np.ndarray) -> None:
-        wanted = set(keys.tolist())
+        self.keys = np.unique(keys)  # sorted
+        self.tokens = np.zeros((len(self.keys), window), dtype=np.int64)  # [window_row window]
+        self.lengths = np.zeros(len(self.keys), dtype=np.int64)
+        wanted = set(self.keys.tolist())
         docs = {key >> 32 for key in wanted}
-        self.tokens: dict[int, list[int]] = {}
+        found = 0
         for doc in read_corpus(corpus):
             if doc.doc_id not in docs:
                 continue
             for start, ids in document_windows(tokenizer.encode(doc.text), window):
                 key = (doc.doc_id << 32) | start
                 if key in wanted:
-                    self.tokens[key] = ids
-        missing = wanted - self.tokens.keys()
-        if missing:
-            raise RuntimeError(f"{len(missing)} example windows are no longer in {corpus}")
+                    row = int(np.searchsorted(self.keys, key))
+                    self.tokens[row, : len(ids)] = ids
+                    self.lengths[row] = len(ids)
+                    found += 1
+        if found != len(self.keys):
+            missing = len(self.keys) - found
+            raise RuntimeError(f"{missing} example windows are no longer in {corpus}")
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.keys, keys)
 
 
 def _flat_rows(examples: list[Examples]) -> dict[str, np.ndarray]:
@@ -109,12 +119,10 @@ def examples_table(
     part = partial.sources[source.name]
     rows = _flat_rows([part.top.ordered(), part.sample.ordered()])
     keys = _window_key(rows["doc_id"], rows["start"])
-    token_lists = [windows.tokens[int(key)] for key in keys]
-    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
-    flat_ids = np.fromiter(
-        (t for ids in token_lists for t in ids), dtype=np.int64, count=int(lengths.sum())
-    )
-    valid = np.arange(rows["values"].shape[1])[None, :] < lengths[:, None]
+    window_rows = windows.rows(keys)
+    lengths = windows.lengths[window_rows]
+    valid = np.arange(rows["values"].shape[1])[None, :] < lengths[:, None]  # [row window]
+    flat_ids = windows.tokens[window_rows][valid]
     n = len(keys)
     return pa.table(
         {

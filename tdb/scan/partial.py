@@ -55,17 +55,19 @@ def absorb_batch_(
 ) -> None:
     """Update `part` with one batch of windows of one source."""
     n_pos = acts.shape[1]
+    acts = acts.float()
     valid = torch.arange(n_pos)[None, :] < lengths[:, None]  # [batch pos]
-    acts = acts.float().masked_fill(~valid[..., None], float("nan"))
-    window_max, argmax = acts.nan_to_num(float("-inf")).max(dim=1)  # [batch component]
+    padded = acts.masked_fill(~valid[..., None], float("-inf"))
+    window_max, argmax = padded.max(dim=1)  # [batch component]
     activation, position = window_max.T.contiguous(), argmax.T.contiguous()  # [component batch]
     keys = sample_keys(
         seed, component_base(source.name), acts.shape[-1], doc_id.numpy(), start.numpy()
     )
     top_bound, sample_bound = (None, None) if bounds is None else bounds
-    part.top.absorb_windows_(-activation, activation, position, doc_id, start, acts, top_bound)
-    part.sample.absorb_windows_(keys, activation, position, doc_id, start, acts, sample_bound)
-    part.moments = part.moments.merge(Moments.of(acts.nan_to_num(0.0), valid))
+    windows = (doc_id, start, lengths, acts)
+    part.top.absorb_windows_(-activation, activation, position, *windows, top_bound)
+    part.sample.absorb_windows_(keys, activation, position, *windows, sample_bound)
+    part.moments = part.moments.merge(Moments.of(acts, valid))
 
 
 @dataclass

@@ -237,4 +237,5 @@ def scan(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     checkpoints.write_manifest(out, manifest)
+    checkpoints.drop_state(out)  # the result holds everything now; a re-run stops at `complete`
     return ScanResult(out, n_shards, total.n_docs, total.n_windows, total.n_tokens, ran)
