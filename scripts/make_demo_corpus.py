@@ -71,7 +71,9 @@ def document(rng: random.Random, tokenizer: Tokenizer) -> str:
 def main() -> None:
     rng = random.Random(SEED)
     tokenizer = Tokenizer.from_dir(DEMO_MODEL_DIR, 4096)
-    OUT.write_text("".join(document(rng, tokenizer) + "\n" for _ in range(N_DOCS)), encoding="utf-8")
+    OUT.write_text(
+        "".join(document(rng, tokenizer) + "\n" for _ in range(N_DOCS)), encoding="utf-8"
+    )
     print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
 
 

@@ -25,6 +25,7 @@ from tdb.errors import TdbError
 from tdb.scan import ScanSettings, scan
 from tdb.scan.corpus import count_documents, read_corpus
 from tdb.scan.examples import EMPTY_DOC, Examples
+from tdb.scan.partial import ScanPartial
 from tdb.scan.run import KILL_AFTER_SHARDS_ENV
 
 K, WINDOW = 3, 8
@@ -127,7 +128,7 @@ def test_top_k_sample_and_stats_match_a_naive_reference(
     ]
     assert set(rows) == set(components) == set(stats)
     for node_type, layer, index in components:
-        per_window = [w["values"][node_type, layer][:, index] for w in windows]  # type: ignore[index]
+        per_window = [w["values"][node_type, layer][:, index] for w in windows]
         maxima = [float(v.max()) for v in per_window]
         # Top-k by brute force: sort every window by (-max, doc_id, start).
         order = sorted(
@@ -143,10 +144,10 @@ def test_top_k_sample_and_stats_match_a_naive_reference(
             assert r["activation"] == pytest.approx(maxima[i], abs=1e-4)
             assert r["token_position"] == int(per_window[i].argmax())
             assert r["activations"] == pytest.approx(per_window[i].tolist(), abs=1e-4)
-            assert r["tokens"] == [loaded.tokenizer.token_text(t) for t in w["tokens"]]  # type: ignore[attr-defined]
+            assert r["tokens"] == [loaded.tokenizer.token_text(t) for t in w["tokens"]]
         # The random sample: the K windows with the smallest hash keys.
         source = f"{node_type}.{layer}"
-        keys = [naive_sample_key(3, source, index, w["doc_id"], w["start"]) for w in windows]  # type: ignore[arg-type]
+        keys = [naive_sample_key(3, source, index, w["doc_id"], w["start"]) for w in windows]
         expected = sorted(range(len(windows)), key=lambda i: keys[i])[:K]
         sample = [r for r in got if r["rank"] is None]
         assert [(r["doc_id"], r["window_start"]) for r in sample] == [
@@ -408,3 +409,37 @@ def test_component_routes_serve_json_and_a_page(scanned: Path, tmp_path: Path) -
     assert client.get("/api/component/neuron/0/1").status_code == 422
     with pytest.raises(TdbError, match="no finished scan"):
         scan_router(tmp_path)
+
+
+def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
+    scanned: Path, corpus_file: Path, checkpoint_dir: Path, loaded: LoadedModel, tmp_path: Path
+) -> None:
+    from tdb.scan.checkpoints import open_out, shard_files
+    from tdb.scan.run import Checkpoint
+    from tdb.scan.shard import scan_shard
+    from tdb.scan.sources import model_sources
+    from tdb.scan.windows import shards
+
+    s = settings(checkpoint_dir)
+    sources = model_sources(loaded.model)
+    names = [x.name for x in sources]
+    cut = list(shards(read_corpus(corpus_file), loaded.tokenizer, WINDOW, s.shard_windows))
+    parts = [scan_shard(loaded.model, sources, shard, s).to_arrays() for shard in cut[:3]]
+    open_out(tmp_path, {"test": True})
+    first = Checkpoint.open(tmp_path, names, K)
+    first.add(2, parts[2])  # finished early: waits as a file
+    first.add(0, parts[0])  # continues the prefix: merged into the state
+    assert (first.prefix, shard_files(tmp_path)) == (1, [2])
+    again = Checkpoint.open(tmp_path, names, K)  # as after a kill
+    assert [again.has(i) for i in range(3)] == [True, False, True]
+    again.add(1, parts[1])
+    assert (again.prefix, shard_files(tmp_path)) == (3, [])
+    assert again.state is not None
+    state = ScanPartial.from_arrays(parts[0], names)  # the same shards merged in order
+    for i in (1, 2):
+        state.absorb_(ScanPartial.from_arrays(parts[i], names))
+    for name in names:
+        a, b = again.state.sources[name], state.sources[name]
+        assert torch.equal(a.top.ordered().doc_id, b.top.ordered().doc_id)
+        assert torch.equal(a.sample.ordered().start, b.sample.ordered().start)
+        assert torch.equal(a.moments.m2, b.moments.m2)
