@@ -25,7 +25,7 @@ from rich.table import Table
 from tdb.checkpoint import load_model
 from tdb.scan import ScanSettings, scan
 from tdb.scan.corpus import DEMO_CORPUS, read_corpus
-from tdb.scan.shard import NO_LOGITS
+from tdb.scan.shard import NO_LOGITS, shard_batches
 from tdb.scan.windows import Shard, shards
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=20)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-windows", type=int, default=256)
+    parser.add_argument("--shard-windows", type=int, default=512)
     args = parser.parse_args()
     settings = ScanSettings(
         model=args.model,
@@ -64,11 +64,9 @@ def main() -> None:
     all_shards: list[Shard] = list(
         shards(read_corpus(corpus), loaded.tokenizer, args.window, args.shard_windows)
     )
-    batches = []  # exactly the scan's batches: per shard, padded to the batch's longest window
-    for shard in all_shards:
-        for lo in range(0, len(shard.lengths), args.batch_size):
-            n_pos = int(shard.lengths[lo : lo + args.batch_size].max())
-            batches.append(torch.tensor(shard.tokens[lo : lo + args.batch_size, :n_pos]))
+    batches = [  # exactly the scan's batches
+        batch.tokens for shard in all_shards for batch in shard_batches(shard, args.batch_size)
+    ]
     n_tokens = sum(s.n_tokens for s in all_shards)
 
     plain_forward(model, batches[:2], logits=True)  # warm-up

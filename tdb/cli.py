@@ -92,7 +92,7 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     scan.add_argument("-k", default="20", help="top examples (and random ones) per component")
     scan.add_argument("--window", default="64", help="tokens per window")
     scan.add_argument("--batch-size", default="32", help="windows per forward pass")
-    scan.add_argument("--shard-windows", default="256", help="windows per shard (checkpoint)")
+    scan.add_argument("--shard-windows", default="512", help="windows per shard (checkpoint)")
     scan.add_argument("--seed", default="0", help="seed of the random sample")
     scan.add_argument(
         "--ray", metavar="ADDRESS", help="run shards on Ray: 'local', 'auto' or a cluster address"

@@ -158,9 +158,18 @@ def stats_table(source: ComponentSource, partial: ScanPartial) -> pa.Table:
     )
 
 
-def vocabulary(tokenizer: Tokenizer) -> pa.Array:
-    """Every token id's text, as an Arrow array to `take` from."""
-    return pa.array([tokenizer.token_text(i) for i in range(tokenizer.d_vocab)], pa.string())
+def vocabulary(tokenizer: Tokenizer, used: np.ndarray) -> pa.Array:
+    """The text of every token id in `used` (others ""), as an Arrow array to `take` from;
+    decoding one id at a time is slow, so only those that occur."""
+    texts = [""] * tokenizer.d_vocab
+    ids = np.unique(used).tolist()
+    if tokenizer.inner is None:
+        decoded = [tokenizer.token_text(i) for i in ids]
+    else:  # one call instead of one per id; the same as token_text
+        decoded = tokenizer.inner.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    for token_id, text in zip(ids, decoded, strict=True):
+        texts[token_id] = text
+    return pa.array(texts, pa.string())
 
 
 def write_results(
@@ -182,7 +191,8 @@ def write_results(
     windows = WindowTokens(
         corpus, tokenizer, window, np.concatenate([np.zeros(0, np.int64), *keys])
     )
-    vocab = vocabulary(tokenizer)
+    in_windows = np.arange(window)[None, :] < windows.lengths[:, None]
+    vocab = vocabulary(tokenizer, windows.tokens[in_windows])
     _write(
         out / EXAMPLES,
         EXAMPLES_SCHEMA,

@@ -57,7 +57,7 @@ def absorb_batch_(
     n_pos = acts.shape[1]
     acts = acts.float()
     valid = torch.arange(n_pos)[None, :] < lengths[:, None]  # [batch pos]
-    padded = acts.masked_fill(~valid[..., None], float("-inf"))
+    padded = acts if bool(valid.all()) else acts.masked_fill(~valid[..., None], float("-inf"))
     window_max, argmax = padded.max(dim=1)  # [batch component]
     activation, position = window_max.T.contiguous(), argmax.T.contiguous()  # [component batch]
     keys = sample_keys(

@@ -8,11 +8,13 @@ on where it runs, so neither do the numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from tdb.models.base import TransformerModel
@@ -29,7 +31,7 @@ class ScanSettings:
     k: int = 20  # top examples (and random-sample examples) per component
     window: int = 64  # tokens per window
     batch_size: int = 32  # windows per forward pass
-    shard_windows: int = 256  # windows per shard (a shard closes at a document boundary)
+    shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
 
     def resolved(self, model_path: Path) -> dict[str, object]:
@@ -63,33 +65,46 @@ def scan_shard(
     which saves most of the work of keeping top-k lists once they have filled."""
     k, window, seed = settings.k, settings.window, settings.seed
     partial = ScanPartial.empty(sources, k, window)
-    lengths_all = torch.tensor(shard.lengths)
     with torch.inference_mode():
-        for lo in range(0, len(shard.lengths), settings.batch_size):
-            hi = min(lo + settings.batch_size, len(shard.lengths))
-            lengths = lengths_all[lo:hi]
-            n_pos = int(lengths.max())
-            tokens = torch.tensor(shard.tokens[lo:hi, :n_pos])
+        for batch in shard_batches(shard, settings.batch_size):
             acts: dict[str, Tensor] = {}
-            model(tokens, hooks=source_hooks(sources, acts), logit_positions=NO_LOGITS)
-            doc_id = torch.tensor(shard.doc_ids[lo:hi])
-            start = torch.tensor(shard.starts[lo:hi])
+            model(batch.tokens, hooks=source_hooks(sources, acts), logit_positions=NO_LOGITS)
             for source in sources:
                 absorb_batch_(
                     partial.sources[source.name],
                     source,
                     acts[source.name],
-                    lengths,
-                    doc_id,
-                    start,
+                    batch.lengths,
+                    batch.doc_id,
+                    batch.start,
                     seed,
                     None if bounds is None else bounds[source.name],
                 )
             if on_batch is not None:
-                on_batch(int(lengths.sum()))
-    partial.n_windows, partial.n_tokens, partial.n_docs = (
-        len(shard.lengths),
-        shard.n_tokens,
-        shard.n_docs,
-    )
+                on_batch(int(batch.lengths.sum()))
+    partial.n_windows, partial.n_tokens = len(shard.lengths), shard.n_tokens
+    partial.n_docs = shard.n_docs
     return partial
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: Int[Tensor, "batch pos"]  # pos: the longest window of the batch
+    lengths: Int[Tensor, " batch"]
+    doc_id: Int[Tensor, " batch"]
+    start: Int[Tensor, " batch"]
+
+
+def shard_batches(shard: Shard, batch_size: int) -> Iterator[Batch]:
+    """The shard's windows in batches, longest first (so batches are padded little); the order
+    of windows does not matter to the result, only that it is always the same."""
+    order = np.argsort(-shard.lengths, kind="stable")
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        n_pos = int(shard.lengths[rows].max())
+        yield Batch(
+            tokens=torch.tensor(shard.tokens[rows, :n_pos]),
+            lengths=torch.tensor(shard.lengths[rows]),
+            doc_id=torch.tensor(shard.doc_ids[rows]),
+            start=torch.tensor(shard.starts[rows]),
+        )
