@@ -8,6 +8,11 @@ the better plain run counts. Throughput is reported against wall time and agains
 process's CPU time (steadier on a shared machine). Goal: scan >= 0.7x the plain forward.
 
     .venv/bin/python benchmarks/scan.py [--model DIR] [--corpus PATH] [-k 20] [--window 64]
+        [--batch-size 32] [--corpus-copies N]
+
+`--corpus-copies N` scans N copies of the corpus one after the other (as N times as many
+documents): the fixed costs (loading the model, writing k examples per component) then weigh
+less, as they do on a real corpus.
 """
 
 from __future__ import annotations
@@ -50,7 +55,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-windows", type=int, default=512)
+    parser.add_argument("--corpus-copies", type=int, default=1)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(args.corpus)
+        if args.corpus_copies > 1:
+            text = corpus.read_text(encoding="utf-8")
+            corpus = Path(tmp) / "corpus.txt"
+            corpus.write_text(text * args.corpus_copies, encoding="utf-8")
+        run(args, corpus)
+
+
+def run(args: argparse.Namespace, corpus: Path) -> None:
     settings = ScanSettings(
         model=args.model,
         k=args.k,
@@ -58,7 +74,6 @@ def main() -> None:
         batch_size=args.batch_size,
         shard_windows=args.shard_windows,
     )
-    corpus = Path(args.corpus)
     loaded = load_model(args.model)
     model = loaded.model
     all_shards: list[Shard] = list(
@@ -71,16 +86,20 @@ def main() -> None:
 
     plain_forward(model, batches[:2], logits=True)  # warm-up
     rows: dict[str, list[tuple[float, float]]] = {"plain": [], "plain_no_logits": [], "scan": []}
-    for repeat in range(2):
+    for _ in range(2):  # alternating, the better of two each
         rows["plain"].append(timed(lambda: plain_forward(model, batches, logits=True)))
         rows["plain_no_logits"].append(timed(lambda: plain_forward(model, batches, logits=False)))
-        if repeat == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                rows["scan"].append(timed(lambda: scan(corpus, Path(tmp) / "out", settings)))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows["scan"].append(timed(lambda: scan(corpus, Path(tmp) / "out", settings)))
 
-    best = {name: min(runs) for name, runs in rows.items()}
-    table = Table(title=f"tdb scan vs plain forward: {loaded.name}, {n_tokens:,} tokens")
-    for column in ("run", "wall s", "tokens/s (wall)", "CPU s", "tokens/s (CPU)", "ratio (wall)"):
+    # The best wall time and the best CPU time of each, independently.
+    best = {name: (min(r[0] for r in runs), min(r[1] for r in runs)) for name, runs in rows.items()}
+    title = (
+        f"tdb scan vs plain forward: {loaded.name}, {n_tokens:,} tokens, batch {args.batch_size}"
+    )
+    table = Table(title=title)
+    columns = ("run", "wall s", "tokens/s (wall)", "CPU s", "tokens/s (CPU)", "ratio (CPU)")
+    for column in columns:
         table.add_column(column, justify="right" if column != "run" else "left")
     labels = {
         "plain": "plain forward (all logits)",
@@ -94,7 +113,7 @@ def main() -> None:
             f"{n_tokens / wall:,.0f}",
             f"{cpu:.1f}",
             f"{n_tokens / cpu:,.0f}",
-            f"{best['plain'][0] / wall:.2f}",
+            f"{best['plain'][1] / cpu:.2f}",
         )
     Console().print(table)
     ratio_wall = best["plain"][0] / best["scan"][0]
