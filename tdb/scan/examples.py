@@ -25,6 +25,7 @@ trailing underscore); the state belongs to the one loop that fills it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -89,10 +90,8 @@ class Examples:
         if rows.numel() == 0:
             return
         all_key = torch.cat([self.key[rows], key[rows]], dim=1)  # [row k+candidate]
-        all_doc = torch.cat([self.doc_id[rows], doc_id[rows]], dim=1)
-        all_start = torch.cat([self.start[rows], start[rows]], dim=1)
         keep = torch.zeros_like(all_key, dtype=torch.bool)
-        keep.scatter_(1, lexsort(all_key, all_doc, all_start)[:, :k], True)
+        keep.scatter_(1, self._first_k(all_key, doc_id, start, rows, k), True)
         # Row by row, the i-th evicted slot takes the i-th entering candidate: both lists come
         # out of nonzero() in row-major order, with as many of each in every row.
         evicted = (~keep[:, :k]).nonzero()  # [pair 2]: (row, slot)
@@ -106,6 +105,24 @@ class Examples:
         self.doc_id[component, slot] = doc_id[component, candidate]
         self.start[component, slot] = start[component, candidate]
         self.values[component, slot] = fetch(component, candidate)
+
+    def _first_k(
+        self, all_key: Tensor, doc_id: Tensor, start: Tensor, rows: Tensor, k: int
+    ) -> Tensor:
+        """Per row the columns of the first k of [current slots, candidates] by (key, doc_id,
+        start). Sorting by key alone decides the set except where the k-th and (k+1)-th keys
+        are equal; only those rows pay for the sort by window identity."""
+        order = torch.argsort(all_key, dim=1, stable=True)
+        if order.shape[1] <= k:
+            return order
+        sorted_key = all_key.gather(1, order[:, k - 1 : k + 1])
+        tied = (sorted_key[:, 0] == sorted_key[:, 1]).nonzero().squeeze(1)
+        if tied.numel():
+            tied_rows = rows[tied]
+            all_doc = torch.cat([self.doc_id[tied_rows], doc_id[tied_rows]], dim=1)
+            all_start = torch.cat([self.start[tied_rows], start[tied_rows]], dim=1)
+            order[tied] = lexsort(all_key[tied], all_doc, all_start)
+        return order[:, :k]
 
     def absorb_windows_(
         self,
@@ -198,6 +215,14 @@ def sample_keys(
         window_hash = splitmix64(
             splitmix64(doc_id.astype(np.uint64) ^ np.uint64(seed)) ^ start.astype(np.uint64)
         )
-        components = np.arange(n_components, dtype=np.uint64) + np.uint64(component_base)
-        keys = splitmix64(splitmix64(components)[:, None] ^ window_hash[None, :])
+        keys = splitmix64(_component_hashes(component_base, n_components)[:, None] ^ window_hash)
     return torch.from_numpy(keys.view(np.int64))
+
+
+@functools.lru_cache(maxsize=256)
+def _component_hashes(component_base: int, n_components: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        components = np.arange(n_components, dtype=np.uint64) + np.uint64(component_base)
+        hashes = splitmix64(components)
+    hashes.flags.writeable = False  # shared by every batch
+    return hashes
