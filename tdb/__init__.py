@@ -2,16 +2,20 @@
 
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.metrics import Group
-from tdb.nodes import NodeIndex, NodeType, parse_node_id
+from tdb.nodes import LatentSite, NodeIndex, NodeType, parse_node_id
+from tdb.sae import AttachedSae, load_saes
 from tdb.table import NodeTable, node_table
 
 __all__ = [
+    "AttachedSae",
     "Group",
+    "LatentSite",
     "LoadedModel",
     "NodeIndex",
     "NodeTable",
     "NodeType",
     "load_model",
+    "load_saes",
     "node_table",
     "parse_node_id",
 ]

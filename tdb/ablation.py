@@ -11,6 +11,11 @@ Where each node is replaced:
                                        not renormalised; mean = the head's mean over (q, k) pairs
     head h at q, all keys (`h2.3@7`)   ATTN_Z[q, h] (the head's output at q, before W_O)
     embedding at t                     RESID_EMBED[t] (token + position embedding)
+    SAE latent j at t                  *_LATENTS[t, j], the latents of the SAE attached at its
+                                       site (tdb.latents): the site then holds the SAE's
+                                       reconstruction of the edited latents plus the original
+                                       reconstruction error. Pass the SAEs (`saes=`) and run
+                                       the model with `attach(saes, hooks)`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from torch import Tensor
 
 from tdb.errors import TdbError
 from tdb.hooks import HookPoint, Hooks
+from tdb.latents import LATENT_POINTS, attach, latent_sizes
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
+from tdb.sae import AttachedSae
 
 
 class AblationKind(StrEnum):
@@ -52,13 +59,15 @@ class Ablation:
             return point, node.layer
         if node.node_type is NodeType.EMBEDDING:
             return HookPoint.RESID_EMBED, None
+        if node.node_type is NodeType.AUTOENCODER_LATENT and node.site is not None:
+            return LATENT_POINTS[node.site], node.layer
         raise TdbError(f"cannot ablate {node.id}: {node.node_type.value} nodes are not supported")
 
     def index(self) -> tuple[int | slice, ...]:
         """This node's entry in its site's tensor (batch dimension first)."""
         n = self.node
-        if n.node_type is NodeType.MLP_NEURON:
-            return (0, n.token, n.index)
+        if n.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
+            return (0, n.token, n.index)  # [batch pos d_mlp] or [batch pos d_sae]
         if n.node_type is NodeType.ATTENTION_HEAD and n.key_token is None:
             return (0, n.token, n.index)  # ATTN_Z [batch pos head d_head]
         if n.node_type is NodeType.ATTENTION_HEAD:
@@ -79,8 +88,10 @@ def record(
     model: TransformerModel,
     prompts: Sequence[Sequence[int]],
     sites: set[tuple[HookPoint, int | None]],
+    saes: Sequence[AttachedSae] = (),
 ) -> dict[tuple[HookPoint, int | None], list[Tensor]]:
-    """The tensors at `sites` on each prompt (forward passes without gradients)."""
+    """The tensors at `sites` on each prompt (forward passes without gradients; `saes`
+    attached, so latent points can be recorded)."""
     out: dict[tuple[HookPoint, int | None], list[Tensor]] = {site: [] for site in sites}
     points = {point for point, _ in sites}
 
@@ -95,7 +106,7 @@ def record(
         for tokens in prompts:
             model(
                 torch.tensor([list(tokens)]),
-                Hooks({p: keep(p) for p in points}),
+                attach(saes, Hooks({p: keep(p) for p in points})),
                 logit_positions=torch.tensor([len(tokens) - 1]),
             )
     return out
@@ -104,7 +115,7 @@ def record(
 def mean_value(ablation: Ablation, recorded: list[Tensor]) -> Tensor:
     """The mean of the node's activation over every position of the recorded prompts."""
     node = ablation.node
-    if node.node_type is NodeType.MLP_NEURON:
+    if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
         return torch.cat([post[:, node.index] for post in recorded]).mean()
     if node.node_type is NodeType.ATTENTION_HEAD and node.key_token is None:
         return torch.cat([z[:, node.index] for z in recorded]).mean(dim=0)  # [d_head]
@@ -123,14 +134,17 @@ def ablation_hooks(
     ablations: Sequence[Ablation],
     second_prompt: Sequence[int] | None = None,
     mean_prompts: Sequence[Sequence[int]] = (),
+    saes: Sequence[AttachedSae] = (),
 ) -> Hooks:
-    """Hooks that apply every ablation at once.
+    """Hooks that apply every ablation at once (latents: of the SAEs in `saes`, which the
+    forward pass must attach).
 
     >>> hooks = ablation_hooks(model, tokens, [parse_ablation("h1.2@9:3")])
     >>> model(torch.tensor([tokens]), hooks)
     """
+    sizes = latent_sizes(saes)
     for ablation in ablations:
-        check_node(ablation.node, model.config, len(tokens), "--ablate")
+        check_node(ablation.node, model.config, len(tokens), "--ablate", sizes)
         ablation.site  # noqa: B018  (raises for node types that cannot be ablated)
     kinds = {a.kind for a in ablations}
     if AblationKind.RESAMPLE in kinds:
@@ -142,9 +156,11 @@ def ablation_hooks(
                 f"{len(second_prompt)} tokens, the prompt {len(tokens)}"
             )
     sites = {a.site for a in ablations if a.kind is not AblationKind.ZERO}
-    means = record(model, mean_prompts or [tokens], sites) if AblationKind.MEAN in kinds else {}
+    means = (
+        record(model, mean_prompts or [tokens], sites, saes) if AblationKind.MEAN in kinds else {}
+    )
     resampled = (
-        record(model, [second_prompt or []], sites) if AblationKind.RESAMPLE in kinds else {}
+        record(model, [second_prompt or []], sites, saes) if AblationKind.RESAMPLE in kinds else {}
     )
 
     replacements: dict[

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tdb.direction import Direction
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
+from tdb.latents import LATENT_POINTS, SITE_OF_LATENT_POINT, attach, check_saes, write_directions
 from tdb.metrics import (
     METRICS,
     NEEDS_GRADIENT,
@@ -33,12 +34,14 @@ from tdb.metrics import (
     AttentionInputs,
     EmbeddingInputs,
     Group,
+    LatentInputs,
     MlpInputs,
     ReadOut,
     node_mask,
 )
 from tdb.models.base import TransformerModel
-from tdb.nodes import NodeType
+from tdb.nodes import INDEX, LAYER, NO_COORD, SITE, SITES, TOKEN, LatentSite, NodeType
+from tdb.sae import AttachedSae
 from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, ranked
 
 
@@ -97,6 +100,44 @@ class LayeredBlockBuilder:
         return ListBlock(self.node_type, coords, values, pruned_k=self.prune_k)
 
 
+@dataclass
+class LatentBlockBuilder:
+    """Collects every attached SAE's latent metrics; keeps them whole (tokens up to the last
+    the direction reads) or each SAE's top k / bottom k per metric. Always a list of nodes:
+    SAEs differ in size and need not cover every layer."""
+
+    groups: Sequence[Group]
+    prune_k: int | None
+    last_token: int
+    parts: dict[tuple[int, int], tuple[Tensor, dict[Group, Tensor]]] = field(default_factory=dict)
+
+    def add(self, attached: AttachedSae, grids: dict[Group, Tensor]) -> None:
+        d_sae = attached.sae.d_sae
+        flat = {g: v[: self.last_token + 1].flatten() for g, v in grids.items()}
+        if self.prune_k is None:
+            kept = torch.arange(len(flat[self.groups[0]]))
+        else:
+            keep = [ranked(flat[g], self.prune_k) for g in self.groups]
+            keep += [
+                ranked(flat[g], self.prune_k, largest=False)
+                for g in SIGNED_GROUPS & set(self.groups)
+            ]
+            kept = torch.unique(torch.cat(keep))  # ascending: token, then latent
+        coords = torch.full((len(kept), 5), NO_COORD, dtype=torch.long)
+        coords[:, LAYER] = attached.layer
+        coords[:, TOKEN] = kept // d_sae
+        coords[:, INDEX] = kept % d_sae
+        coords[:, SITE] = SITES.index(attached.site)
+        order = (attached.layer, list(LatentSite).index(attached.site))
+        self.parts[order] = (coords, {g: v[kept] for g, v in flat.items()})
+
+    def build(self) -> ListBlock:
+        parts = [self.parts[key] for key in sorted(self.parts)]  # forward-pass order
+        coords = torch.cat([c for c, _ in parts])
+        values = {g: torch.cat([v[g] for _, v in parts]) for g in self.groups}
+        return ListBlock(NodeType.AUTOENCODER_LATENT, coords, values, pruned_k=self.prune_k)
+
+
 def read_out(
     model: TransformerModel, direction: Direction, resid: Float[Tensor, "pos d_model"]
 ) -> ReadOut:
@@ -115,10 +156,12 @@ def capture(
     groups: Sequence[Group],
     prune_k: int | None = None,
     hooks: Hooks = NO_HOOKS,
+    saes: Sequence[AttachedSae] = (),
 ) -> Capture:
     """Run the model once (forward, and backward if needed) and derive every metric in `groups`.
 
     `hooks` (e.g. ablations) run before the capture's own, so the metrics see their effect.
+    `saes` are attached inside the forward pass (tdb.latents); their latents become nodes.
 
     >>> cap = capture(model, torch.tensor([5, 9, 2]), LogitDiff((7,), (8,), 2), ALL_GROUPS)
     >>> cap.store.topk(Group.DIRECT_EFFECT, NodeType.MLP_NEURON, 5)
@@ -134,6 +177,10 @@ def capture(
         HookPoint.V: read_point.upstream_layers(n_layer, node_is_attention=True),
         HookPoint.MLP_POST: read_point.upstream_layers(n_layer, node_is_attention=False),
     }
+    by_key = check_saes(saes, model.config)
+    for site, point in LATENT_POINTS.items():
+        upstream[point] = read_point.upstream_layers(n_layer, site is LatentSite.ATTN_OUT)
+    latent_builder = LatentBlockBuilder(groups, prune_k, last_token)
     builders = {
         t: LayeredBlockBuilder(t, groups, prune_k, last_token)
         for t in (NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON)
@@ -159,9 +206,23 @@ def capture(
         grad = None if grad_post is None else grad_post[0]
         derive(NodeType.MLP_NEURON, MlpInputs(post, grad, W_out, read[0]), layer)
 
+    def finish_latents(point: HookPoint) -> Callable[[int, Tensor | None], None]:
+        def finish(layer: int, grad_z: Tensor | None) -> None:
+            z = saved.pop((point, layer))[0].detach()
+            attached = by_key[(SITE_OF_LATENT_POINT[point], layer)]
+            write_dirs = write_directions(model, attached).detach()
+            grad = None if grad_z is None else grad_z[0]
+            inputs = LatentInputs(z, grad, write_dirs, read[0])
+            with torch.no_grad():
+                grids = {g: METRICS[(NodeType.AUTOENCODER_LATENT, g)](inputs) for g in groups}
+            latent_builder.add(attached, grids)
+
+        return finish
+
     finishers: dict[HookPoint, Callable[[int, Tensor | None], None]] = {
         HookPoint.ATTN_PROBS: finish_attention,
         HookPoint.MLP_POST: finish_mlp,
+        **{point: finish_latents(point) for point in LATENT_POINTS.values()},
     }
 
     def save_upstream(point: HookPoint) -> Callable[[Tensor, int | None], None]:
@@ -194,12 +255,17 @@ def capture(
             **({HookPoint.V: save_upstream(HookPoint.V)} if needs_values else {}),
             HookPoint.ATTN_PROBS: save_upstream(HookPoint.ATTN_PROBS),
             HookPoint.MLP_POST: save_upstream(HookPoint.MLP_POST),
+            **{
+                LATENT_POINTS[site]: save_upstream(LATENT_POINTS[site])
+                for site in {a.site for a in saes}
+            },
             read_point.hook: save_read_point,
         }
     )
     logit_position = torch.tensor([direction.position])
     with torch.set_grad_enabled(needs_grad):
-        logits = model(tokens[None], compose(hooks, own), logit_positions=logit_position)[0, 0]
+        all_hooks = attach(saes, compose(hooks, own))
+        logits = model(tokens[None], all_hooks, logit_positions=logit_position)[0, 0]
         resid_read = saved.pop((read_point.hook, None))[0]
         value = direction.read(model, resid_read)
     read.append(read_out(model, direction, resid_read))
@@ -223,6 +289,8 @@ def capture(
     for node_type, builder in builders.items():
         if builder.layers:
             blocks[node_type] = builder.build()
+    if latent_builder.parts:
+        blocks[NodeType.AUTOENCODER_LATENT] = latent_builder.build()
     return Capture(ScalarStore(blocks), float(value.detach()), logits.detach())
 
 
@@ -231,8 +299,10 @@ def direction_value(
     tokens: Int[Tensor, " pos"],
     direction: Direction,
     hooks: Hooks = NO_HOOKS,
+    saes: Sequence[AttachedSae] = (),
 ) -> float:
-    """The direction's value after one forward pass (no gradients), e.g. under an ablation.
+    """The direction's value after one forward pass (no gradients), e.g. under an ablation
+    (`saes`: attached as in `capture`, so latent ablations apply).
 
     >>> direction_value(model, tokens, direction, ablation_hooks(model, tokens, ablations))
     """
@@ -246,7 +316,7 @@ def direction_value(
     with torch.no_grad():
         model(
             tokens[None],
-            compose(hooks, Hooks({read_point.hook: keep})),
+            attach(saes, compose(hooks, Hooks({read_point.hook: keep}))),
             logit_positions=torch.tensor([direction.position]),
         )
         return float(direction.read(model, saved[0][0]))

@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument(
         "--view-node", action="append", default=[], metavar="ID", help="add a node's token view"
     )
+    nodes.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="attach sparse autoencoders (OpenAI-layout .safetensors, SAELens directory, or a "
+        "directory of those; repeatable): their latents become nodes",
+    )
+    nodes.add_argument(
+        "--mlp-nodes",
+        choices=("neurons", "latents", "both"),
+        default="neurons",
+        help="MLP nodes: neurons, SAE latents (demo model: its own SAEs unless --sae), or both",
+    )
+    nodes.add_argument(
+        "--attn-nodes",
+        choices=("heads", "latents", "both"),
+        default="heads",
+        help="attention nodes: heads at (query, key), SAE latents of the attention output, or both",
+    )
     nodes.add_argument("-k", type=str, default="10", help="nodes per metric and node type")
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -169,6 +189,9 @@ def run_nodes(args: argparse.Namespace) -> None:
         mean_prompts=args.mean_prompt,
         verify=verify,
         views=args.view_node or args.views,
+        saes=args.sae,
+        mlp_nodes=args.mlp_nodes,
+        attn_nodes=args.attn_nodes,
     )
     if args.json:
         json.dump(table.to_json(), sys.stdout)

@@ -13,6 +13,7 @@ write vectors into direct effects).
     NeuronPreActivation(layer, token, neuron)     trace upstream from an MLP neuron
     AttentionLogit(layer, head, query, key, "q")  trace upstream from a head through q, k or qk
     HeadValueWrite(layer, head, query, key, ...)  trace upstream from a head through its value
+    LatentPreActivation(attached_sae, token, j)   trace upstream from an SAE latent
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tdb.hooks import HookPoint, Hooks
 from tdb.models.base import TransformerModel
+from tdb.nodes import LatentSite
+from tdb.sae import AttachedSae
 
 
 def _detach(x: Tensor, layer: int | None) -> Tensor:
@@ -279,3 +283,91 @@ class HeadValueWrite:
             "downstream": self.downstream,
             "position": self.key,
         }
+
+
+@dataclass(frozen=True)
+class LatentPreActivation:
+    """Trace upstream: an SAE latent's pre-activation, W_enc[j] · (x - pre_bias) + latent_bias[j],
+    where x is the activation the SAE reads at `token`, recomputed from the residual stream the
+    layer reads (norm scales fixed):
+
+        MLP post-activation / MLP output: from the MLP's input at `token` (through the MLP, so
+            the direction is not linear in the residual stream: direct effects are first order)
+        attention output: from the residual stream before the layer's attention at every token
+            up to `token` (queries, keys and values all move it)
+    """
+
+    attached: AttachedSae = field(compare=False)
+    token: int
+    latent: int
+    reads: HookPoint = HookPoint.RESID_MID  # the MLP's input (RESID_PRE for parallel blocks)
+    kind: str = "latent_pre_activation"
+
+    @property
+    def layer(self) -> int:
+        return self.attached.layer
+
+    @property
+    def read_point(self) -> ReadPoint:
+        if self.attached.site is LatentSite.ATTN_OUT:
+            return ReadPoint(HookPoint.RESID_PRE, self.layer)
+        return ReadPoint(self.reads, self.layer)
+
+    @property
+    def read_positions(self) -> tuple[int, ...]:
+        if self.attached.site is LatentSite.ATTN_OUT:
+            return tuple(range(self.token + 1))
+        return (self.token,)
+
+    @property
+    def position(self) -> int:
+        return self.token
+
+    def site_activation(self, model: TransformerModel, resid: Tensor) -> Tensor:
+        """The activation the SAE reads at `token`, from the residual stream at the read point."""
+        block = model.block(self.layer)
+        if self.attached.site is LatentSite.ATTN_OUT:
+            x = block.ln_1(resid[: self.token + 1][None], FROZEN_SCALES)[0]  # [pos d_model]
+            return attention_output(model, x, self.layer, self.token)
+        x = block.ln_2(resid[self.token][None, None], FROZEN_SCALES)
+        if self.attached.site is LatentSite.MLP_OUT:
+            out: Tensor = block.mlp(x, Hooks())[0, 0]
+            return out
+        kept: list[Tensor] = []
+
+        def keep(post: Tensor, layer: int | None) -> None:
+            kept.append(post)
+
+        block.mlp(x, Hooks({HookPoint.MLP_POST: keep}))
+        return kept[0][0, 0]
+
+    def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
+        sae = self.attached.sae
+        x = self.site_activation(model, resid)
+        return (x - sae.pre_bias) @ sae.W_enc[self.latent] + sae.latent_bias[self.latent]
+
+    def to_json(self) -> dict[str, object]:
+        site = self.attached.site
+        return {
+            "kind": self.kind,
+            "node": f"a{site.code}{self.layer}.{self.latent}@{self.token}",
+            "site": site.value,
+            "position": self.token,
+        }
+
+
+def attention_output(
+    model: TransformerModel, x: Float[Tensor, "pos d_model"], layer: int, query: int
+) -> Float[Tensor, " d_model"]:
+    """Attention's output at `query` from the normalised residual stream at tokens 0..query,
+    head by head through the model's own per-head logit and value functions (output bias
+    included)."""
+    attn = model.block(layer).attn
+    out = attn.b_O
+    for head in range(model.config.n_head):
+        logits = torch.stack(
+            [attn.head_logit(x[query], x[key], head, query, key) for key in range(query + 1)]
+        )  # [key_pos]
+        values = torch.stack([attn.head_value(x[key], head) for key in range(query + 1)])
+        out = out + (logits.softmax(dim=0) @ values) @ attn.W_O[head]
+    return out

@@ -47,6 +47,11 @@ class HookPoint(StrEnum):
     RESID_FINAL = "resid_final"  # [batch pos d_model]  after the last block (layer None)
     LN_FINAL_SCALE = "ln_final_scale"  # [batch pos 1]  (layer None)
     LOGITS = "logits"  # [batch logit_pos d_vocab]  (layer None)
+    # Latents of a sparse autoencoder attached at ATTN_OUT / MLP_POST / MLP_OUT of `layer`. The
+    # model never calls these: `tdb.latents.attach` does, inside the hook of the point it reads.
+    ATTN_OUT_LATENTS = "attn_out_latents"  # [batch pos d_sae]
+    MLP_POST_LATENTS = "mlp_post_latents"  # [batch pos d_sae]
+    MLP_OUT_LATENTS = "mlp_out_latents"  # [batch pos d_sae]
 
 
 HookFn = Callable[[Tensor, int | None], Tensor | None]

@@ -7,6 +7,8 @@ layer, in the node type's grid layout:
     attention_head  [head query_pos key_pos]   (pairs with key > query are not nodes, see
                                                  `node_mask`; their values are never read)
     mlp_neuron      [pos d_mlp]
+    autoencoder_latent  [pos d_sae]            (one SAE at a time: its layer and site are
+                                                 the capture's business)
 
 `g` is the gradient of the direction with respect to the residual stream at the direction's
 position, the final layer norm's scale held fixed; a write vector w at that position changes the
@@ -47,6 +49,7 @@ GRID_AXES: dict[NodeType, tuple[int, ...]] = {
     NodeType.EMBEDDING: (TOKEN,),
     NodeType.ATTENTION_HEAD: (LAYER, INDEX, TOKEN, KEY_TOKEN),
     NodeType.MLP_NEURON: (LAYER, TOKEN, INDEX),
+    NodeType.AUTOENCODER_LATENT: (LAYER, TOKEN, INDEX),  # per SAE; stored as a list of nodes
 }
 
 
@@ -80,6 +83,14 @@ class MlpInputs:
     post: Float[Tensor, "pos d_mlp"]
     grad_post: Float[Tensor, "pos d_mlp"] | None
     W_out: Float[Tensor, "d_mlp d_model"]
+    read: ReadOut
+
+
+@dataclass(frozen=True)
+class LatentInputs:
+    z: Float[Tensor, "pos d_sae"]
+    grad_z: Float[Tensor, "pos d_sae"] | None
+    write_dirs: Float[Tensor, "d_sae d_model"]  # per latent, its write per unit of z
     read: ReadOut
 
 
@@ -181,6 +192,28 @@ def neuron_act_times_grad(x: MlpInputs) -> Tensor:
     return x.post * grad_or_fail(x.grad_post)
 
 
+# --- SAE latents: activation z, write vector z · write_dirs[latent] (tdb.latents) ------------
+
+
+def latent_activation(x: LatentInputs) -> Tensor:
+    return x.z
+
+
+def latent_write_norm(x: LatentInputs) -> Tensor:
+    return x.z.abs() * x.write_dirs.pow(2).sum(dim=-1).sqrt()
+
+
+def latent_direct_effect(x: LatentInputs) -> Tensor:
+    out = torch.zeros_like(x.z)
+    positions = list(x.read.positions)
+    out[positions] = x.z[positions] * (x.read.g @ x.write_dirs.T)  # [read_pos d_sae]
+    return out
+
+
+def latent_act_times_grad(x: LatentInputs) -> Tensor:
+    return x.z * grad_or_fail(x.grad_z)
+
+
 METRICS: dict[tuple[NodeType, Group], Callable[..., Tensor]] = {
     (NodeType.EMBEDDING, Group.ACTIVATION): embedding_activation,
     (NodeType.EMBEDDING, Group.WRITE_NORM): embedding_write_norm,
@@ -194,4 +227,8 @@ METRICS: dict[tuple[NodeType, Group], Callable[..., Tensor]] = {
     (NodeType.MLP_NEURON, Group.WRITE_NORM): neuron_write_norm,
     (NodeType.MLP_NEURON, Group.DIRECT_EFFECT): neuron_direct_effect,
     (NodeType.MLP_NEURON, Group.ACT_TIMES_GRAD): neuron_act_times_grad,
+    (NodeType.AUTOENCODER_LATENT, Group.ACTIVATION): latent_activation,
+    (NodeType.AUTOENCODER_LATENT, Group.WRITE_NORM): latent_write_norm,
+    (NodeType.AUTOENCODER_LATENT, Group.DIRECT_EFFECT): latent_direct_effect,
+    (NodeType.AUTOENCODER_LATENT, Group.ACT_TIMES_GRAD): latent_act_times_grad,
 }

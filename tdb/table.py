@@ -9,7 +9,7 @@ table.to_json(); table.to_dataframe()
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ from tdb.direction import (
     AttentionLogit,
     Direction,
     HeadValueWrite,
+    LatentPreActivation,
     LogitDiff,
     LogProb,
     NeuronPreActivation,
@@ -30,9 +31,11 @@ from tdb.direction import (
 )
 from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
+from tdb.latents import check_saes, latent_sizes, resolve_saes
 from tdb.metrics import ALL_GROUPS, Group
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
+from tdb.sae import AttachedSae
 from tdb.store import ScalarStore
 from tdb.token_views import effect_by_token, logit_view, node_view
 from tdb.tokens import Tokenizer
@@ -74,7 +77,8 @@ class NodeTable:
             return f"L{node.layer} head {node.index} {tok(node.token)} <- {keys}"
         if node.node_type is NodeType.MLP_NEURON:
             return f"L{node.layer} neuron {node.index} {tok(node.token)}"
-        return f"L{node.layer} latent {node.index} {tok(node.token)}"
+        site = "" if node.site is None else f"{node.site.value} "
+        return f"L{node.layer} {site}latent {node.index} {tok(node.token)}"
 
     def rows(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -87,6 +91,8 @@ class NodeTable:
             }
             if node.node_type is NodeType.ATTENTION_HEAD:
                 row["key_token"] = node.key_token
+            if node.site is not None:
+                row["site"] = node.site.value  # which activation the latent's SAE reads
             row["index"] = node.index
             row["name"] = self.node_name(node)
             row |= {g.value: self.values[g][i] for g in self.groups}
@@ -118,12 +124,20 @@ class NodeTable:
         import pandas as pd  # imported here: the CLI's JSON path never pays for pandas
 
         columns = ["id", "node_type", "layer", "token", "key_token", "index", "name"]
+        if any(node.site is not None for node in self.nodes):
+            columns.insert(5, "site")
         columns += [g.value for g in self.groups] + list(self.columns)
         return pd.DataFrame(self.rows(), columns=columns)
 
 
 TokenSpec = str | int
 TRACE_MODES = ("q", "k", "qk", "v")
+
+
+def only(cap: Capture, shown: set[NodeType]) -> Capture:
+    """The capture with only the node types a table shows."""
+    blocks = {t: b for t, b in cap.store.blocks.items() if t in shown}
+    return replace(cap, store=ScalarStore(blocks))
 
 
 def resolve_tokens(tokenizer: Tokenizer, prompt: str | Sequence[int], n_ctx: int) -> list[int]:
@@ -183,12 +197,23 @@ def parse_trace(text: str) -> tuple[NodeIndex, str | None]:
 
 
 def trace_direction(
-    model: TransformerModel, tokens: list[int], text: str, downstream: Direction | None
+    model: TransformerModel,
+    tokens: list[int],
+    text: str,
+    downstream: Direction | None,
+    saes: Sequence[AttachedSae] = (),
 ) -> Direction:
     """The direction that makes a node's pre-activation the thing to explain."""
     node, mode = parse_trace(text)
-    check_node(node, model.config, len(tokens), "--trace")
+    check_node(node, model.config, len(tokens), "--trace", latent_sizes(saes))
     assert node.layer is not None or node.node_type is NodeType.EMBEDDING
+    if node.node_type is NodeType.AUTOENCODER_LATENT:
+        if mode is not None:
+            raise TdbError(f"--trace {text}: :{mode} applies to attention heads only")
+        assert node.layer is not None and node.site is not None
+        attached = check_saes(saes, model.config)[(node.site, node.layer)]
+        reads = model.block(node.layer).mlp_input
+        return LatentPreActivation(attached, node.token, node.index, reads)
     if node.node_type is NodeType.MLP_NEURON:
         if mode is not None:
             raise TdbError(f"--trace {text}: :{mode} applies to attention heads only")
@@ -197,8 +222,9 @@ def trace_direction(
         return NeuronPreActivation(node.layer, node.token, node.index, reads)
     if node.node_type is not NodeType.ATTENTION_HEAD or node.key_token is None:
         raise TdbError(
-            f"--trace {text}: trace an MLP neuron (n<layer>.<neuron>@<token>) or an attention "
-            "head at a (query, key) pair (h<layer>.<head>@<query>:<key>[:q|:k|:qk|:v])"
+            f"--trace {text}: trace an MLP neuron (n<layer>.<neuron>@<token>), an SAE latent "
+            "(a<a|p|m><layer>.<latent>@<token>) or an attention head at a (query, key) pair "
+            "(h<layer>.<head>@<query>:<key>[:q|:k|:qk|:v])"
         )
     assert node.layer is not None
     if mode != "v":
@@ -259,6 +285,7 @@ def make_direction(
     vector: str | Path | None = None,
     trace: str | None = None,
     downstream: str | None = None,
+    saes: Sequence[AttachedSae] = (),
 ) -> Direction:
     """The direction of interest a request names (see `node_table` for the arguments)."""
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -286,8 +313,8 @@ def make_direction(
         if downstream is not None:
             raise TdbError("--downstream applies only with --trace ...:v")
         return base
-    down = base if downstream is None else trace_direction(model, tokens, downstream, None)
-    return trace_direction(model, tokens, trace, down)
+    down = base if downstream is None else trace_direction(model, tokens, downstream, None, saes)
+    return trace_direction(model, tokens, trace, down, saes)
 
 
 def table_nodes(stores: Sequence[ScalarStore], groups: Sequence[Group], k: int) -> list[NodeIndex]:
@@ -320,6 +347,9 @@ def node_table(
     mean_prompts: Sequence[str | Sequence[int]] = (),
     verify: int = 0,
     views: Sequence[str] | bool = False,
+    saes: Sequence[AttachedSae | str | Path] = (),
+    mlp_nodes: str = "neurons",
+    attn_nodes: str = "heads",
 ) -> NodeTable:
     """Explain a direction (default logit(target) - logit(distractor) at the last token).
 
@@ -337,6 +367,10 @@ def node_table(
       same length shown side by side (left, right, right - left).
     - `verify=N`: zero-ablate the top N nodes by |act_times_grad| one at a time, next to the
       estimate. `views=True` (or node ids): token views.
+    - `saes`: sparse autoencoders (loaded, or paths for `tdb.sae.load_saes`) attached inside
+      the forward pass; their latents are nodes (`am1.42@5`). `mlp_nodes="latents"` /
+      `attn_nodes="latents"` show latents instead of neurons / heads (`"both"`: next to them);
+      the demo model brings its own SAEs. See `tdb.latents.resolve_saes` and docs/sae.md.
     """
     if k < 0:
         raise TdbError(f"k must be >= 0, got {k}")
@@ -348,13 +382,16 @@ def node_table(
     model, tokenizer = loaded.model, loaded.tokenizer
     n_ctx = model.config.n_ctx
     tokens = resolve_tokens(tokenizer, prompt, n_ctx)
+    attached, shown = resolve_saes(loaded, saes, mlp_nodes, attn_nodes)
     direction = make_direction(
-        loaded, tokens, target, distractor, position, logprob, vector, trace, downstream
+        loaded, tokens, target, distractor, position, logprob, vector, trace, downstream, attached
     )
     ablations = [a if isinstance(a, Ablation) else parse_ablation(a) for a in ablate]
     second = None if second_prompt is None else resolve_tokens(tokenizer, second_prompt, n_ctx)
     means = [resolve_tokens(tokenizer, p, n_ctx) for p in mean_prompts]
-    hooks = ablation_hooks(model, tokens, ablations, second, means) if ablations else NO_HOOKS
+    hooks = (
+        ablation_hooks(model, tokens, ablations, second, means, attached) if ablations else NO_HOOKS
+    )
     token_tensor = torch.tensor(tokens)
     columns: dict[str, list[float]] = {}
     direction_extra: dict[str, object] = {}
@@ -362,9 +399,12 @@ def node_table(
     compare = second is not None and not any(a.kind == "resample" for a in ablations)
     dense = bool(ablations) or compare or bool(views)
 
-    main = capture(model, token_tensor, direction, groups, None if dense else max(k, verify), hooks)
+    def run(tokens: Tensor, prune_k: int | None = None, hooks: Hooks = NO_HOOKS) -> Capture:
+        return only(capture(model, tokens, direction, groups, prune_k, hooks, attached), shown)
+
+    main = run(token_tensor, None if dense else max(k, verify), hooks)
     if ablations:
-        baseline = capture(model, token_tensor, direction, groups)
+        baseline = run(token_tensor)
         result = values_at(main.store, groups, table_nodes([main.store], groups, k))
         before = values_at(baseline.store, groups, result.nodes)
         for g in groups:
@@ -378,7 +418,7 @@ def node_table(
                 f"--second-prompt must have the same number of tokens as the prompt: "
                 f"{len(second)} vs {len(tokens)}"
             )
-        right = capture(model, torch.tensor(second), direction, groups)
+        right = run(torch.tensor(second))
         nodes = table_nodes([main.store, right.store], groups, k)
         result = values_at(main.store, groups, nodes)
         other = values_at(right.store, groups, nodes)
@@ -390,9 +430,9 @@ def node_table(
     else:
         result = multi_group_topk(main.store, groups, k)
     if verify:
-        extra |= verification(model, tokens, direction, main.store, groups, verify, hooks)
+        extra |= verification(model, tokens, direction, main.store, groups, verify, hooks, attached)
     if views:
-        extra["token_views"] = token_views(loaded, tokens, direction, main, views)
+        extra["token_views"] = token_views(loaded, tokens, direction, main, views, attached)
     return NodeTable(
         tokens=tokens,
         token_texts=[tokenizer.token_text(t) for t in tokens],
@@ -427,6 +467,7 @@ def verification(
     groups: list[Group],
     n: int,
     hooks: Hooks,
+    saes: Sequence[AttachedSae] = (),
 ) -> dict[str, object]:
     """The top n nodes by |act_times_grad|, each zero-ablated alone: estimate vs actual."""
     needed = {Group.ACT_TIMES_GRAD, Group.DIRECT_EFFECT}
@@ -446,6 +487,7 @@ def verification(
         [float(estimates[i]) for i in order],
         [float(candidates.values[Group.DIRECT_EFFECT][i]) for i in order],
         hooks,
+        saes,
     )
     return {
         "verification": [v.to_json() for v in checked],
@@ -467,15 +509,19 @@ def token_views(
     direction: Direction,
     main: Capture,
     views: Sequence[str] | bool,
+    saes: Sequence[AttachedSae] = (),
 ) -> dict[str, object]:
     model, tokenizer = loaded.model, loaded.tokenizer
     pinned = direction_token_ids(direction, "target_ids") + direction_token_ids(
         direction, "distractor_ids"
     )
     node_ids = [] if isinstance(views, bool) else list(views)
-    nodes = [check_node(parse_node_id(i), model.config, len(tokens), "view") for i in node_ids]
+    sizes = latent_sizes(saes)
+    nodes = [
+        check_node(parse_node_id(i), model.config, len(tokens), "view", sizes) for i in node_ids
+    ]
     return {
         "logits": logit_view(main.logits, tokenizer, pinned),
         "effect_by_token": effect_by_token(main.store, len(tokens)),
-        "nodes": [node_view(model, tokenizer, tokens, node) for node in nodes],
+        "nodes": [node_view(model, tokenizer, tokens, node, saes=saes) for node in nodes],
     }

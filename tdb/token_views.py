@@ -11,9 +11,11 @@ from torch import Tensor
 
 from tdb.ablation import Ablation, record
 from tdb.hooks import HookPoint
+from tdb.latents import check_saes, write_directions
 from tdb.metrics import Group
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType
+from tdb.sae import AttachedSae
 from tdb.store import GridBlock, ScalarStore
 from tdb.tokens import Tokenizer
 
@@ -55,10 +57,19 @@ def logit_view(
 
 
 def write_vector(
-    model: TransformerModel, tokens: Sequence[int], node: NodeIndex
+    model: TransformerModel,
+    tokens: Sequence[int],
+    node: NodeIndex,
+    saes: Sequence[AttachedSae] = (),
 ) -> Float[Tensor, " d_model"]:
-    """What the node writes into the residual stream on this prompt, computed explicitly."""
+    """What the node writes into the residual stream on this prompt, computed explicitly
+    (`saes`: the attached SAEs, for latents)."""
     ablation = Ablation(node)  # only for where the node's activation lives
+    if node.node_type is NodeType.AUTOENCODER_LATENT:
+        assert node.site is not None and node.layer is not None
+        attached = check_saes(saes, model.config)[(node.site, node.layer)]
+        z = record(model, [tokens], {ablation.site}, saes)[ablation.site][0]
+        return z[node.token, node.index] * write_directions(model, attached)[node.index]
     if node.node_type is NodeType.EMBEDDING:
         return record(model, [tokens], {ablation.site})[ablation.site][0][node.token]
     assert node.layer is not None
@@ -85,11 +96,12 @@ def node_view(
     tokens: Sequence[int],
     node: NodeIndex,
     n: int = 10,
+    saes: Sequence[AttachedSae] = (),
 ) -> dict[str, object]:
     """The vocabulary tokens the node's write vector promotes and suppresses (through the final
-    layer norm's gain and the unembedding, mean-centred) and, for an MLP neuron, the prompt's
-    tokens ranked by its activation."""
-    write = write_vector(model, tokens, node)
+    layer norm's gain and the unembedding, mean-centred) and, for an MLP neuron or an SAE
+    latent, the prompt's tokens ranked by its activation."""
+    write = write_vector(model, tokens, node, saes)
     scores = (write * model.ln_f.w) @ model.unembed  # [d_vocab]
     scores = scores - scores.mean()
     view: dict[str, object] = {
@@ -97,9 +109,9 @@ def node_view(
         "promotes": ranked_tokens(scores, tokenizer, n, largest=True),
         "suppresses": ranked_tokens(scores, tokenizer, n, largest=False),
     }
-    if node.node_type is NodeType.MLP_NEURON:
+    if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
         site = Ablation(node).site
-        post = record(model, [tokens], {site})[site][0][:, node.index]  # [pos]
+        post = record(model, [tokens], {site}, saes)[site][0][:, node.index]  # [pos]
         order = torch.argsort(post, descending=True, stable=True)[:n]
         view["exciting_tokens"] = [
             {"token": int(t), "text": tokenizer.token_text(tokens[int(t)]), "value": float(post[t])}

@@ -15,6 +15,7 @@ from tdb.direction import Direction
 from tdb.hooks import NO_HOOKS, Hooks, compose
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex
+from tdb.sae import AttachedSae
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,18 @@ def verify_nodes(
     estimated: Sequence[float],
     direct: Sequence[float],
     base_hooks: Hooks = NO_HOOKS,
+    saes: Sequence[AttachedSae] = (),
 ) -> list[Verified]:
     """Zero-ablate each node alone (on top of `base_hooks`) and measure the real effect.
 
     >>> verify_nodes(model, tokens, direction, table.nodes[:5], estimates, directs)
     """
     token_tensor = torch.tensor(list(tokens))
-    baseline = direction_value(model, token_tensor, direction, base_hooks)
+    baseline = direction_value(model, token_tensor, direction, base_hooks, saes)
     out = []
     for node, est, dir_ in zip(nodes, estimated, direct, strict=True):
-        hooks = compose(base_hooks, ablation_hooks(model, tokens, [Ablation(node)]))
-        actual = baseline - direction_value(model, token_tensor, direction, hooks)
+        hooks = compose(base_hooks, ablation_hooks(model, tokens, [Ablation(node)], saes=saes))
+        actual = baseline - direction_value(model, token_tensor, direction, hooks, saes)
         out.append(Verified(node, est, dir_, actual))
     return out
 

@@ -9,7 +9,7 @@ import torch
 
 from tdb.metrics import Group
 from tdb.nodes import NodeIndex, NodeType
-from tdb.store import GridBlock, ScalarStore
+from tdb.store import GridBlock, ListBlock, ScalarStore
 
 
 class NaiveRun(Protocol):
@@ -54,6 +54,10 @@ def all_nodes(store: ScalarStore) -> list[NodeIndex]:
     """Every node a dense store holds (NaN entries are not nodes)."""
     nodes = []
     for node_type, block in store.blocks.items():
+        if isinstance(block, ListBlock):  # SAE latents: a list of nodes, dense unless pruned
+            assert block.pruned_k is None
+            nodes += [NodeIndex.from_coords(node_type, row) for row in block.node_coords]
+            continue
         assert isinstance(block, GridBlock)
         flat = torch.arange(len(block.values[Group.ACTIVATION]))
         valid = ~torch.isnan(block.values[Group.ACTIVATION])

@@ -28,6 +28,10 @@ class Reference:
     post_grad: list[torch.Tensor]
     neuron_writes: list[torch.Tensor]  # [layer] -> [pos d_mlp d_model]
     resid_mid_grad: list[torch.Tensor]  # [layer] -> [pos d_model]: after attention
+    attn_out: list[torch.Tensor]  # [layer] -> [pos d_model]: what attention writes (bias incl.)
+    attn_out_grad: list[torch.Tensor]
+    mlp_out: list[torch.Tensor]  # [layer] -> [pos d_model]: what the MLP writes (bias incl.)
+    mlp_out_grad: list[torch.Tensor]
     scale: torch.Tensor  # the final layer norm's scale at the direction's position (frozen)
     gamma: torch.Tensor
     unembed_diff: torch.Tensor  # W_U[target] - W_U[distractor]
@@ -78,7 +82,8 @@ def naive_run(
     read: Read | None = None,
 ) -> Reference:
     """`edit(name, layer, head, tensor)` may replace "resid" (the embedding), "probs" (one head's
-    [query key]), "head_out" (one head's write per query [query d_model]) or "post" [pos d_mlp].
+    [query key]), "head_out" (one head's write per query [query d_model]), "post" [pos d_mlp],
+    "attn_out" or "mlp_out" (a layer's whole write, [pos d_model]).
     `read(state)` gives the direction from the state (default: logit(target) - logit(distractor)
     at `position`, final layer norm's scale frozen)."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -93,6 +98,7 @@ def naive_run(
     x = resid
     state: dict[str, object] = {"sd": sd, "eps": eps, "resid_pre": [], "resid_mid": []}
     all_probs, all_writes, all_post, all_neuron_writes = [], [], [], []
+    all_attn_out, all_mlp_out = [], []
     for layer in range(cfg.n_layer):
         p = f"transformer.h.{layer}."
         state["resid_pre"].append(x)  # type: ignore[attr-defined]
@@ -118,6 +124,9 @@ def naive_run(
             attn_out = attn_out + edit("head_out", layer, head, writes.sum(dim=1))
             layer_probs.append(probs)
             layer_writes.append(writes.detach())
+        attn_out = edit("attn_out", layer, None, attn_out)
+        attn_out.retain_grad()
+        all_attn_out.append(attn_out)
         x = x + attn_out
         x.retain_grad()
         state["resid_mid"].append(x)  # type: ignore[attr-defined]
@@ -127,7 +136,10 @@ def naive_run(
         )
         post.retain_grad()
         w_out = sd[p + "mlp.c_proj.weight"]
-        x = x + post @ w_out + sd[p + "mlp.c_proj.bias"]
+        mlp_out = edit("mlp_out", layer, None, post @ w_out + sd[p + "mlp.c_proj.bias"])
+        mlp_out.retain_grad()
+        all_mlp_out.append(mlp_out)
+        x = x + mlp_out
         all_probs.append(layer_probs)
         all_writes.append(layer_writes)
         all_post.append(post)
@@ -153,6 +165,10 @@ def naive_run(
         post_grad=[grad_of(p) for p in all_post],
         neuron_writes=all_neuron_writes,
         resid_mid_grad=[grad_of(x) for x in state["resid_mid"]],  # type: ignore[attr-defined]
+        attn_out=[a.detach() for a in all_attn_out],
+        attn_out_grad=[grad_of(a) for a in all_attn_out],
+        mlp_out=[m.detach() for m in all_mlp_out],
+        mlp_out_grad=[grad_of(m) for m in all_mlp_out],
         scale=scale.detach(),
         gamma=gamma,
         unembed_diff=unembed[target] - unembed[distractor],

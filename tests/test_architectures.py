@@ -155,7 +155,9 @@ def test_every_metric_of_every_node_matches_the_reference(
             ours, expected, atol=5e-5, rtol=2e-4, msg=lambda m, group=group: f"{group}: {m}"
         )
         checked |= {(node.node_type, group) for node in nodes}
-    assert checked == set(METRICS)  # the whole registry was walked
+    # The whole registry was walked, but for SAE latents: an SAE is a hook on the activations
+    # every architecture names alike; tests/test_metrics.py checks its metrics on GPT-2.
+    assert checked == {key for key in METRICS if key[0] is not NodeType.AUTOENCODER_LATENT}
 
 
 def test_direct_effects_add_up_to_the_direction(checkpoint: tuple[PreTrainedModel, Path]) -> None:

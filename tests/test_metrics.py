@@ -4,7 +4,9 @@
   frozen final layer norm and the unembedding;
 - activation × gradient: autograd on the naive model;
 - write magnitude: the norm of the explicit write vector;
-- activation: the naive model's probabilities, post-activations, and 1 for embeddings.
+- activation: the naive model's probabilities, post-activations, and 1 for embeddings;
+- SAE latents (one SAE per site on layer 1): the naive encoder on the naive model's activations
+  (tests/sae_reference.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import torch
 from checkpoints import make_checkpoint
 from node_values import all_nodes, reference_values
 from reference import naive_run
+from sae_reference import latent_reference, saes_for_tests
 from transformers import GPT2LMHeadModel
 
 from tdb.capture import capture
 from tdb.checkpoint import load_model
 from tdb.direction import LogitDiff
 from tdb.metrics import ALL_GROUPS, METRICS, Group
-from tdb.nodes import NodeType
+from tdb.nodes import NodeIndex, NodeType
 
 TOKENS = [5, 17, 99, 250, 3, 17, 42, 8, 77]
 TARGET, DISTRACTOR = 11, 12
@@ -49,18 +52,26 @@ def test_every_metric_of_every_node_matches_the_reference(
     hf_model, directory = model_pair
     model = load_model(directory).model
     direction = LogitDiff((TARGET,), (DISTRACTOR,), position)
-    cap = capture(model, torch.tensor(TOKENS), direction, ALL_GROUPS)
+    saes = saes_for_tests(model.config.d_model, model.config.d_mlp, layers=[1])
+    cap = capture(model, torch.tensor(TOKENS), direction, ALL_GROUPS, saes=saes)
     ref = naive_run(hf_model, TOKENS, position, TARGET, DISTRACTOR)
     assert cap.direction_value == pytest.approx(ref.value, abs=1e-5)
 
     nodes = all_nodes(cap.store)
     n, h, m, layers = position + 1, hf_model.config.n_head, model.config.d_mlp, model.config.n_layer
+    latents = sum(n * a.sae.d_sae for a in saes)
     # Only tokens up to the position can affect the direction; for heads, key <= query only.
-    assert len(nodes) == n + layers * h * n * (n + 1) // 2 + layers * n * m
+    assert len(nodes) == n + layers * h * n * (n + 1) // 2 + layers * n * m + latents
     checked: set[tuple[NodeType, Group]] = set()
+
+    def expected_values(node: NodeIndex) -> dict[Group, float]:
+        if node.node_type is NodeType.AUTOENCODER_LATENT:
+            return latent_reference(ref, hf_model, saes, node, position)
+        return reference_values(ref, node, position)
+
     for group in ALL_GROUPS:
         ours = cap.store.values_at(group, nodes)
-        expected = torch.tensor([reference_values(ref, node, position)[group] for node in nodes])
+        expected = torch.tensor([expected_values(node)[group] for node in nodes])
         torch.testing.assert_close(
             ours, expected, atol=2e-5, rtol=1e-4, msg=lambda m, group=group: f"{group}: {m}"
         )

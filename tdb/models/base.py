@@ -66,6 +66,11 @@ class AttentionWeights(Protocol):
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]: ...
 
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        """The output bias (zeros where the checkpoint has none)."""
+        ...
+
     def head_logit(
         self,
         x_query: Float[Tensor, " d_model"],
@@ -92,6 +97,12 @@ class MlpWeights(Protocol):
     def pre_activation(self, x: Float[Tensor, " d_model"], neuron: int) -> Float[Tensor, ""]:
         """Unit `neuron`'s pre-activation (`MLP_PRE`; for gated MLPs the gate's) from the
         normalised residual stream."""
+        ...
+
+    def __call__(
+        self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The MLP's output (`MLP_OUT`), its hidden activations at `MLP_POST`."""
         ...
 
 
