@@ -104,13 +104,15 @@ def run_table(
         verify=verify,
         views=views,
         groups=groups,
+        mlp_nodes=request.mlp_nodes,
+        attn_nodes=request.attn_nodes,
     )
 
 
 def component_link(node: NodeIndex) -> str | None:
     """Where the component's page lives (served by the corpus scan's router, when present)."""
-    if node.node_type is NodeType.EMBEDDING:
-        return None
+    if node.node_type in (NodeType.EMBEDDING, NodeType.AUTOENCODER_LATENT):
+        return None  # the corpus scan ranks neurons and heads only
     return f"/component/{node.node_type.value}/{node.layer}/{node.index}"
 
 
