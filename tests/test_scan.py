@@ -411,6 +411,33 @@ def test_component_routes_serve_json_and_a_page(scanned: Path, tmp_path: Path) -
         scan_router(tmp_path)
 
 
+def test_the_component_page_renders_its_heatmaps_in_a_browser(
+    scanned: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tdb.nodes import NodeType
+    from tdb.scan.routes import ScanReader, page_html
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium to render the page with")
+    component = ScanReader(scanned).component(NodeType.MLP_NEURON, 0, 3)
+    page = tmp_path / "page.html"
+    page.write_text(page_html(component))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    examples = component.top + component.random_sample
+    n_tokens = dom.count('class="tok"') + dom.count('class="tok max"')
+    assert n_tokens == sum(len(e.tokens) for e in examples)
+    assert dom.count('class="tok max"') == len(examples)  # the maximum, outlined
+    assert "mlp_neuron — layer 0, index 3" in dom
+
+
 def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, loaded: LoadedModel, tmp_path: Path
 ) -> None:
