@@ -141,6 +141,18 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     scan.add_argument("--shard-windows", default="512", help="windows per shard (checkpoint)")
     scan.add_argument("--seed", default="0", help="seed of the random sample")
     scan.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="also scan this sparse autoencoder's latents (repeatable)",
+    )
+    scan.add_argument(
+        "--latents",
+        action="store_true",
+        help="also scan the demo model's own SAE latents (demo model only)",
+    )
+    scan.add_argument(
         "--ray", metavar="ADDRESS", help="run shards on Ray: 'local', 'auto' or a cluster address"
     )
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -251,6 +263,15 @@ def resolve_choice(
     return texts if texts is not None else parse_ids(id_text or "", id_flag)
 
 
+def demo_sae_dir(model: str | None) -> tuple[str]:
+    """`--latents`: the demo model's SAEs, for the demo model only."""
+    from tdb.latents import DEMO_SAE_DIR
+
+    if model is not None:
+        raise TdbError("--latents: only the demo model has its own SAEs; give --sae DIR_OR_FILE")
+    return (str(DEMO_SAE_DIR),)
+
+
 def run_scan(args: argparse.Namespace) -> None:
 
     from tdb.scan import ScanSettings, scan
@@ -264,6 +285,7 @@ def run_scan(args: argparse.Namespace) -> None:
         batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
         shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
         seed=parse_int(args.seed, "--seed", minimum=0),
+        saes=tuple(args.sae) + (demo_sae_dir(args.model) if args.latents else ()),
     )
     corpus = Path(args.corpus) if args.corpus else DEMO_CORPUS
     if args.quiet:

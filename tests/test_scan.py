@@ -3,6 +3,7 @@ for top-k, random sample and statistics; sharding, Ray and kill-and-resume give 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -330,6 +331,7 @@ def test_duckdb_reads_the_documented_schema(scanned: Path, loaded: LoadedModel) 
         ("token_position", "INTEGER"),
         ("tokens", "VARCHAR[]"),
         ("activations", "FLOAT[]"),
+        ("site", "VARCHAR"),
     ]
     top = duckdb.sql(
         f"""SELECT rank, activation, activations[token_position + 1] AS at_max,
@@ -495,3 +497,76 @@ def test_node_table_rows_link_to_the_scans_component_pages(
             row["layer"],
             row["index"],
         )
+
+
+def test_sae_latents_are_scanned_next_to_neurons_and_heads(
+    tmp_path: Path, corpus_file: Path, checkpoint_dir: Path, loaded: LoadedModel, scanned: Path
+) -> None:
+    """Two SAEs on layer 1 (attention output, ReLU; MLP output, TopK): their latents' records
+    match the naive model's site activations through a naive encoder, and the neurons' and
+    heads' records stay what they are without SAEs (the reconstruction error is added back)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from sae_reference import naive_encode, random_sae, site_tensors
+
+    from tdb.nodes import LatentSite
+    from tdb.sae import AttachedSae, save_openai_layout
+    from tdb.scan.routes import scan_router
+
+    d_model = loaded.model.config.d_model
+    saes = {}
+    for site, k, seed in ((LatentSite.ATTN_OUT, None, 1), (LatentSite.MLP_OUT, 4, 2)):
+        sae = random_sae(d_model, 16, k, seed)
+        with torch.no_grad():
+            sae.decoder_bias.copy_(sae.pre_bias)  # OpenAI's layout has one bias
+        path = tmp_path / f"{site}.safetensors"
+        save_openai_layout(AttachedSae(sae, site, 1, str(site)), path)
+        saes[site] = sae
+    out = tmp_path / "out"
+    paths = tuple(str(tmp_path / f"{site}.safetensors") for site in saes)
+    scan(corpus_file, out, dataclasses.replace(settings(checkpoint_dir), saes=paths))
+    rows = read(out).to_pylist()
+
+    def key(r: dict[str, object]) -> tuple[object, ...]:
+        return tuple(
+            r[c] for c in ("node_type", "layer", "index", "rank", "doc_id", "window_start")
+        )
+
+    plain = [r for r in rows if r["node_type"] != "autoencoder_latent"]
+    before = read(scanned).to_pylist()
+    assert [key(r) for r in plain] == [key(r) for r in before]
+    for r, b in zip(plain, before, strict=True):
+        assert r["site"] is None and r["activation"] == pytest.approx(b["activation"], abs=1e-5)
+
+    hf = GPT2LMHeadModel.from_pretrained(checkpoint_dir).eval()
+    windows = []
+    for doc_id, text in enumerate(make_documents()):
+        ids = loaded.tokenizer.encode(text) if text else []
+        for start in range(0, len(ids), WINDOW):
+            ref = naive_run(hf, ids[start : start + WINDOW], 0, target=0, distractor=1)
+            z = {s: naive_encode(sae, site_tensors(ref, s, 1)[0]) for s, sae in saes.items()}
+            windows.append((doc_id, start, z))
+    for site in saes:
+        latent_rows = [r for r in rows if r["site"] == str(site)]
+        assert {r["node_type"] for r in latent_rows} == {"autoencoder_latent"}
+        for index in range(16):
+            maxima = [float(z[site][:, index].max()) for _, _, z in windows]
+            order = sorted(range(len(windows)), key=lambda i: (-maxima[i], *windows[i][:2]))
+            got = [r for r in latent_rows if r["index"] == index]
+            top = sorted((r for r in got if r["rank"] is not None), key=lambda r: r["rank"])
+            for r, i in zip(top, order[:K], strict=True):
+                assert (r["doc_id"], r["window_start"]) == windows[i][:2]
+                assert r["activation"] == pytest.approx(maxima[i], abs=1e-4)
+            name = f"autoencoder_latent.{site}.1"
+            sample_keys = [naive_sample_key(3, name, index, d, s) for d, s, _ in windows]
+            expected = sorted(range(len(windows)), key=lambda i: sample_keys[i])[:K]
+            assert [(r["doc_id"], r["window_start"]) for r in got if r["rank"] is None] == [
+                windows[i][:2] for i in expected
+            ]
+
+    client = TestClient(FastAPI())
+    client.app.include_router(scan_router(out))  # type: ignore[attr-defined]
+    one = client.get("/api/component/autoencoder_latent/1/3?site=mlp_out")
+    assert one.status_code == 200 and one.json()["site"] == "mlp_out"
+    both = client.get("/api/component/autoencoder_latent/1/3")
+    assert both.status_code == 404 and "?site=" in both.json()["detail"]

@@ -377,10 +377,13 @@ def test_tdb_serve_with_a_bad_model_stops_with_a_message(tmp_path: Path) -> None
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_latent_rows_carry_their_type_and_no_component_link(client: TestClient) -> None:
+def test_latent_rows_carry_their_type_and_component_link(client: TestClient) -> None:
     out = client.post("/api/nodes", json=IOI | {"k": 3, "mlp_nodes": "latents"}).json()
     latents = [r for r in out["nodes"] if r["node_type"] == "autoencoder_latent"]
-    assert latents and all(r["component"] is None for r in latents)
+    assert latents and all(
+        r["component"] == f"/component/autoencoder_latent/{r['layer']}/{r['index']}?site=mlp_out"
+        for r in latents
+    )
     assert not [r for r in out["nodes"] if r["node_type"] == "mlp_neuron"]
     bad = client.post("/api/nodes", json=IOI | {"mlp_nodes": "neurones"})
     assert bad.status_code == 422 and "mlp_nodes" in bad.text

@@ -39,6 +39,7 @@ EXAMPLES_SCHEMA = pa.schema(
         ("token_position", pa.int32()),  # where the maximum is, as an index into `tokens`
         ("tokens", pa.list_(pa.string())),
         ("activations", pa.list_(pa.float32())),
+        ("site", pa.string()),  # SAE latents: the activation their SAE reads; else null
     ]
 )
 
@@ -51,6 +52,7 @@ STATS_SCHEMA = pa.schema(
         ("mean", pa.float64()),
         ("variance", pa.float64()),  # population variance
         ("max", pa.float32()),
+        ("site", pa.string()),  # SAE latents: the activation their SAE reads; else null
     ]
 )
 
@@ -113,6 +115,10 @@ def _list_array(flat: pa.Array, lengths: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), flat)
 
 
+def _site(source: ComponentSource, n: int) -> pa.Array:
+    return pa.array([None if source.site is None else str(source.site)] * n, pa.string())
+
+
 def examples_table(
     source: ComponentSource, partial: ScanPartial, windows: WindowTokens, vocab: pa.Array
 ) -> pa.Table:
@@ -136,6 +142,7 @@ def examples_table(
             "token_position": pa.array(rows["token_position"].astype(np.int32)),
             "tokens": _list_array(vocab.take(pa.array(flat_ids)), lengths),
             "activations": _list_array(pa.array(rows["values"][valid].astype(np.float32)), lengths),
+            "site": _site(source, n),
         },
         schema=EXAMPLES_SCHEMA,
     )
@@ -153,6 +160,7 @@ def stats_table(source: ComponentSource, partial: ScanPartial) -> pa.Table:
             "mean": pa.array(moments.mean.numpy()),
             "variance": pa.array(moments.variance.numpy()),
             "max": pa.array(moments.max.numpy().astype(np.float32)),
+            "site": _site(source, n),
         },
         schema=STATS_SCHEMA,
     )

@@ -36,15 +36,18 @@ class ShardWorker:
         import torch
 
         from tdb.checkpoint import load_model
-        from tdb.scan.sources import model_sources
+        from tdb.scan.sources import scan_sources
 
         torch.set_num_threads(1)  # one actor per CPU
         self.settings = settings
         self.model = load_model(settings.model).model
-        self.sources = model_sources(self.model)
+        self.sources, self.saes = scan_sources(self.model, settings.saes)
 
     def scan(self, shard: Shard, bounds: Bounds | None) -> dict[str, np.ndarray]:
-        return scan_shard(self.model, self.sources, shard, self.settings, None, bounds).to_arrays()
+        partial = scan_shard(
+            self.model, self.sources, shard, self.settings, None, bounds, self.saes
+        )
+        return partial.to_arrays()
 
 
 class RayExecutor:

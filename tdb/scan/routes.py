@@ -23,7 +23,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse
 
 from tdb.errors import TdbError
-from tdb.nodes import NodeType
+from tdb.nodes import LatentSite, NodeType
 from tdb.scan.checkpoints import EXAMPLES, STATS, read_manifest
 from tdb.scan.schemas import Component, ComponentStats, Example
 
@@ -41,11 +41,20 @@ class ScanReader:
             raise TdbError(f"{out} holds no finished scan (run `tdb scan --out {out}` first)")
         self.out = out
 
-    def component(self, node_type: NodeType, layer: int, index: int) -> Component:
+    def component(
+        self, node_type: NodeType, layer: int, index: int, site: LatentSite | None = None
+    ) -> Component:
+        """A component's records; SAE latents also need the `site` their SAE reads."""
         key = [("node_type", "=", str(node_type)), ("layer", "=", layer), ("index", "=", index)]
+        if site is not None:
+            key.append(("site", "=", str(site)))
         stats = pq.read_table(self.out / STATS, filters=key).to_pylist()
+        where = f"{node_type} {index} in layer {layer}" + ("" if site is None else f" ({site})")
         if not stats:
-            raise KeyError(f"the scan has no {node_type} {index} in layer {layer}")
+            raise KeyError(f"the scan has no {where}")
+        if len(stats) > 1:
+            sites = ", ".join(sorted(str(s["site"]) for s in stats))
+            raise KeyError(f"the scan has several {where}: say which with ?site= ({sites})")
         rows = pq.read_table(self.out / EXAMPLES, filters=key).to_pylist()
         examples = [Example(**{k: r[k] for k in Example.model_fields}) for r in rows]
         s = stats[0]
@@ -53,6 +62,7 @@ class ScanReader:
             node_type=node_type,
             layer=layer,
             index=index,
+            site=s["site"],
             stats=ComponentStats(
                 count=s["count"],
                 mean=_finite(s["mean"]),
@@ -68,7 +78,8 @@ def page_html(component: Component) -> str:
     """The component page: the template with the component's JSON embedded."""
     template = files("tdb.scan").joinpath("page.html").read_text(encoding="utf-8")
     data = json.dumps(component.model_dump(mode="json")).replace("</", "<\\/")
-    title = f"{component.node_type} L{component.layer} #{component.index}"
+    site = "" if component.site is None else f" {component.site}"
+    title = f"{component.node_type}{site} L{component.layer} #{component.index}"
     return template.replace("{{TITLE}}", title).replace("{{DATA}}", data)
 
 
@@ -77,22 +88,26 @@ def scan_router(out: Path) -> APIRouter:
     reader = ScanReader(out)
     router = APIRouter()
 
-    def load(node_type: NodeType, layer: int, index: int) -> Component:
+    def load(node_type: NodeType, layer: int, index: int, site: LatentSite | None) -> Component:
         try:
-            return reader.component(node_type, layer, index)
+            return reader.component(node_type, layer, index, site)
         except KeyError as e:
             raise HTTPException(status_code=404, detail=str(e.args[0])) from None
 
     @router.get("/api/component/{node_type}/{layer}/{index}", response_model=Component)
-    def component_json(node_type: NodeType, layer: int, index: int) -> Component:
-        return load(node_type, layer, index)
+    def component_json(
+        node_type: NodeType, layer: int, index: int, site: LatentSite | None = None
+    ) -> Component:
+        return load(node_type, layer, index, site)
 
     @router.get(
         "/component/{node_type}/{layer}/{index}",
         response_class=HTMLResponse,
         responses={404: {"description": "no such component in the scan"}},
     )
-    def component_page(node_type: NodeType, layer: int, index: int) -> Any:
-        return HTMLResponse(page_html(load(node_type, layer, index)))
+    def component_page(
+        node_type: NodeType, layer: int, index: int, site: LatentSite | None = None
+    ) -> Any:
+        return HTMLResponse(page_html(load(node_type, layer, index, site)))
 
     return router

@@ -23,12 +23,13 @@ import numpy as np
 
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.errors import TdbError
+from tdb.sae import AttachedSae
 from tdb.scan import checkpoints
 from tdb.scan.corpus import corpus_fingerprint, count_documents, read_corpus
 from tdb.scan.output import write_results
 from tdb.scan.partial import Bounds, ScanPartial
 from tdb.scan.shard import ScanSettings, scan_shard
-from tdb.scan.sources import ComponentSource, model_sources
+from tdb.scan.sources import ComponentSource, scan_sources
 from tdb.scan.windows import Shard, shards
 
 # Test-only: SIGKILL this process right after it has checkpointed this many shards.
@@ -57,6 +58,7 @@ class InProcess:
     loaded: LoadedModel
     sources: list[ComponentSource]
     settings: ScanSettings
+    saes: list[AttachedSae]
 
     def run(
         self,
@@ -67,7 +69,7 @@ class InProcess:
     ) -> None:
         for shard in todo:
             model, sources, settings = self.loaded.model, self.sources, self.settings
-            partial = scan_shard(model, sources, shard, settings, tokens_read, bounds())
+            partial = scan_shard(model, sources, shard, settings, tokens_read, bounds(), self.saes)
             done(shard, partial.to_arrays())
 
 
@@ -167,7 +169,10 @@ def scan(
     if not loaded.tokenizer.has_text:
         raise TdbError(f"{loaded.path} has no tokenizer, so it cannot read a text corpus")
     settings = dataclasses.replace(settings, model=str(loaded.path.resolve()))
-    sources = model_sources(loaded.model)
+    settings = dataclasses.replace(
+        settings, saes=tuple(str(Path(p).resolve()) for p in settings.saes)
+    )
+    sources, saes = scan_sources(loaded.model, settings.saes)
     names = [s.name for s in sources]
     identity: dict[str, Any] = settings.resolved(loaded.path) | {
         "corpus": str(corpus.resolve()),
@@ -216,7 +221,7 @@ def scan(
     progress.start(count_documents(corpus))
     try:
         if ray_address is None:
-            InProcess(loaded, sources, settings).run(todo(), done, progress.tokens, bounds)
+            InProcess(loaded, sources, settings, saes).run(todo(), done, progress.tokens, bounds)
         else:
             from tdb.scan.ray_executor import RayExecutor
 

@@ -28,6 +28,7 @@ class Component(BaseModel):
     node_type: NodeType
     layer: int
     index: int
+    site: str | None = None  # SAE latents: the activation their SAE reads
     stats: ComponentStats
     top: list[Example]  # rank order
     random_sample: list[Example]

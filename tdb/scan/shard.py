@@ -17,7 +17,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tdb.latents import attach
 from tdb.models.base import TransformerModel
+from tdb.sae import AttachedSae
 from tdb.scan.partial import Bounds, ScanPartial, absorb_batch_
 from tdb.scan.sources import ComponentSource, source_hooks
 from tdb.scan.windows import Shard
@@ -33,6 +35,7 @@ class ScanSettings:
     batch_size: int = 32  # windows per forward pass
     shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
+    saes: tuple[str, ...] = ()  # SAE files or folders whose latents are scanned too
 
     def resolved(self, model_path: Path) -> dict[str, object]:
         """The settings as JSON, with the model as a resolved path."""
@@ -43,6 +46,7 @@ class ScanSettings:
             "batch_size": self.batch_size,
             "shard_windows": self.shard_windows,
             "seed": self.seed,
+            "saes": [str(Path(p).resolve()) for p in self.saes],
         }
 
 
@@ -57,6 +61,7 @@ def scan_shard(
     settings: ScanSettings,
     on_batch: Callable[[int], None] | None = None,
     bounds: Bounds | None = None,
+    saes: list[AttachedSae] | None = None,
 ) -> ScanPartial:
     """The shard's partial result; `on_batch(n_tokens)` after every batch (for progress).
 
@@ -68,7 +73,8 @@ def scan_shard(
     with torch.inference_mode():
         for batch in shard_batches(shard, settings.batch_size):
             acts: dict[str, Tensor] = {}
-            model(batch.tokens, hooks=source_hooks(sources, acts), logit_positions=NO_LOGITS)
+            hooks = attach(saes or [], source_hooks(sources, acts))  # SAEs run inside
+            model(batch.tokens, hooks=hooks, logit_positions=NO_LOGITS)
             for source in sources:
                 absorb_batch_(
                     partial.sources[source.name],

@@ -14,8 +14,10 @@ component. Two come with every model:
   to the query token: the value at token t is the largest write the head made *into* t. A head
   that copies one earlier token strongly into t therefore lights up t, not the earlier token.
 
-SAE latents plug in as one more source per autoencoder (node type `autoencoder_latent`, the hook
-point it reads, and its encoder as `compute`); nothing else in the scan changes.
+- **SAE latent** (`latent_sources`, when the scan attaches SAEs): its activation z, read at the
+  latent hook point of its SAE's site (the SAE runs inside the forward pass, `tdb.latents.attach`).
+  A latent source also names its site (`attn_out`, `mlp_post`, `mlp_out`), since one layer can
+  have an SAE at each.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tdb.hooks import HookFn, HookPoint, Hooks
+from tdb.latents import LATENT_POINTS
 from tdb.metrics import AttentionInputs, MlpInputs, ReadOut, head_write_norm, neuron_activation
 from tdb.models.base import TransformerModel
-from tdb.nodes import NodeType
+from tdb.nodes import LatentSite, NodeType
+from tdb.sae import AttachedSae
 
 # The scan reads no direction, so the metrics' read-out is empty.
 NO_READ_OUT = ReadOut(positions=(), g=torch.zeros(0, 0))
@@ -47,10 +51,13 @@ class ComponentSource:
     n_components: int
     points: tuple[HookPoint, ...]
     compute: Compute
+    site: LatentSite | None = None  # SAE latents: the activation their SAE reads
 
     @property
     def name(self) -> str:
-        return f"{self.node_type}.{self.layer}"
+        if self.site is None:
+            return f"{self.node_type}.{self.layer}"
+        return f"{self.node_type}.{self.site}.{self.layer}"
 
 
 def neuron_source(model: TransformerModel, layer: int) -> ComponentSource:
@@ -95,11 +102,46 @@ def head_source(model: TransformerModel, layer: int) -> ComponentSource:
     )
 
 
+def scan_sources(
+    model: TransformerModel, sae_paths: tuple[str, ...]
+) -> tuple[list[ComponentSource], list[AttachedSae]]:
+    """The model's neurons and heads plus the latents of the SAEs at `sae_paths`, and those SAEs
+    (to attach in the forward pass)."""
+    from tdb.latents import check_saes
+    from tdb.sae import load_saes
+
+    saes = [a for path in sae_paths for a in load_saes(path)]
+    check_saes(saes, model.config)
+    return model_sources(model) + latent_sources(saes), saes
+
+
 def model_sources(model: TransformerModel) -> list[ComponentSource]:
     """The MLP neurons and attention heads of every layer, layer by layer."""
     out = []
     for layer in range(model.config.n_layer):
         out += [head_source(model, layer), neuron_source(model, layer)]
+    return out
+
+
+def latent_sources(saes: list[AttachedSae]) -> list[ComponentSource]:
+    """One source per attached SAE: its latents' activations z."""
+    out = []
+    for attached in saes:
+        point = LATENT_POINTS[attached.site]
+
+        def compute(captured: Mapping[HookPoint, Tensor], point: HookPoint = point) -> Tensor:
+            return captured[point]  # [batch pos d_sae]
+
+        out.append(
+            ComponentSource(
+                NodeType.AUTOENCODER_LATENT,
+                attached.layer,
+                attached.sae.d_sae,
+                (point,),
+                compute,
+                attached.site,
+            )
+        )
     return out
 
 

@@ -111,9 +111,10 @@ def run_table(
 
 def component_link(node: NodeIndex) -> str | None:
     """Where the component's page lives (served by the corpus scan's router, when present)."""
-    if node.node_type in (NodeType.EMBEDDING, NodeType.AUTOENCODER_LATENT):
-        return None  # the corpus scan ranks neurons and heads only
-    return f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+    if node.node_type is NodeType.EMBEDDING:
+        return None
+    link = f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+    return link if node.site is None else f"{link}?site={node.site.value}"
 
 
 def finite_float(value: float) -> float | None:
