@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tdb.errors import TdbError
 
@@ -110,7 +111,51 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cache-size", default="256", metavar="N", help="results kept in memory (default 256)"
     )
+    serve.add_argument(
+        "--scan",
+        metavar="DIR",
+        help="a finished `tdb scan --out DIR`: serve its component pages (/component/...)",
+    )
+    add_scan_parser(commands)
     return parser
+
+
+def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    scan = commands.add_parser(
+        "scan",
+        help="find every component's top dataset examples in a corpus (Parquet output)",
+        description="For every MLP neuron and attention head, keep its top-k windows of the "
+        "corpus, a random sample and statistics; write them as Parquet into --out. Resumes an "
+        "unfinished scan in --out. See docs/scan.md.",
+    )
+    scan.add_argument(
+        "--corpus",
+        help="a text file (one document per line), a folder of .txt files, .jsonl with a "
+        "'text' field, or .parquet with a 'text' column (default: the demo corpus)",
+    )
+    scan.add_argument("--out", required=True, help="output folder (resumed if it holds this scan)")
+    scan.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
+    scan.add_argument("-k", default="20", help="top examples (and random ones) per component")
+    scan.add_argument("--window", default="64", help="tokens per window")
+    scan.add_argument("--batch-size", default="32", help="windows per forward pass")
+    scan.add_argument("--shard-windows", default="512", help="windows per shard (checkpoint)")
+    scan.add_argument("--seed", default="0", help="seed of the random sample")
+    scan.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="also scan this sparse autoencoder's latents (repeatable)",
+    )
+    scan.add_argument(
+        "--latents",
+        action="store_true",
+        help="also scan the demo model's own SAE latents (demo model only)",
+    )
+    scan.add_argument(
+        "--ray", metavar="ADDRESS", help="run shards on Ray: 'local', 'auto' or a cluster address"
+    )
+    scan.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -184,8 +229,17 @@ def run_serve(args: argparse.Namespace) -> None:
 
     # Load before binding: a bad --model stops here with its message, and no server starts.
     loaded = load_model(args.model)
+    routers = []
+    if args.scan is not None:
+        from tdb.scan.routes import scan_router
+
+        routers.append(scan_router(Path(args.scan)))  # a TdbError when DIR holds no scan
     app = create_app(
-        loaded, max_prompt_tokens=max_prompt_tokens, queue_size=queue_size, cache_size=cache_size
+        loaded,
+        max_prompt_tokens=max_prompt_tokens,
+        queue_size=queue_size,
+        cache_size=cache_size,
+        extra_routers=routers,
     )
     if args.host not in {"127.0.0.1", "localhost", "::1"}:
         print(
@@ -209,6 +263,43 @@ def resolve_choice(
     return texts if texts is not None else parse_ids(id_text or "", id_flag)
 
 
+def demo_sae_dir(model: str | None) -> tuple[str]:
+    """`--latents`: the demo model's SAEs, for the demo model only."""
+    from tdb.latents import DEMO_SAE_DIR
+
+    if model is not None:
+        raise TdbError("--latents: only the demo model has its own SAEs; give --sae DIR_OR_FILE")
+    return (str(DEMO_SAE_DIR),)
+
+
+def run_scan(args: argparse.Namespace) -> None:
+
+    from tdb.scan import ScanSettings, scan
+    from tdb.scan.corpus import DEMO_CORPUS
+    from tdb.scan.progress import ScanProgressBar
+
+    settings = ScanSettings(
+        model=args.model,
+        k=parse_int(args.k, "-k", minimum=1),
+        window=parse_int(args.window, "--window", minimum=1),
+        batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
+        shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
+        seed=parse_int(args.seed, "--seed", minimum=0),
+        saes=tuple(args.sae) + (demo_sae_dir(args.model) if args.latents else ()),
+    )
+    corpus = Path(args.corpus) if args.corpus else DEMO_CORPUS
+    if args.quiet:
+        result = scan(corpus, Path(args.out), settings, ray_address=args.ray)
+    else:
+        with ScanProgressBar() as bar:
+            result = scan(corpus, Path(args.out), settings, ray_address=args.ray, progress=bar)
+    what = "already complete" if result.shards_run == 0 else f"{result.shards_run} shards scanned"
+    print(
+        f"{result.out}: {result.n_docs:,} documents, {result.n_windows:,} windows, "
+        f"{result.n_tokens:,} tokens in {result.n_shards} shards ({what})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -216,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_nodes(args)
         elif args.command == "serve":
             run_serve(args)
+        elif args.command == "scan":
+            run_scan(args)
     except TdbError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2

@@ -149,8 +149,12 @@ def head_activation(x: AttentionInputs) -> Tensor:
 
 
 def head_write_norm(x: AttentionInputs) -> Tensor:
-    value_writes = torch.einsum("khe,hed->khd", values_or_fail(x.v), x.W_O)  # [key head d_model]
-    value_write_norm = value_writes.pow(2).sum(dim=-1).sqrt()  # [key_pos head]
+    # ‖v W_O[h]‖² = v · (W_O[h] W_O[h]ᵀ) v: d_head² multiplications per key and head instead of
+    # d_head · d_model (the corpus scan computes this for every token of every batch).
+    v = values_or_fail(x.v)
+    gram = torch.einsum("hed,hfd->hef", x.W_O, x.W_O)  # [head d_head d_head]
+    squared = torch.einsum("khe,hef,khf->kh", v, gram, v)  # [key_pos head]
+    value_write_norm = squared.clamp(min=0).sqrt()
     return x.probs * value_write_norm.T[:, None, :]
 
 

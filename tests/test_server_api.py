@@ -73,8 +73,20 @@ def test_tokenize_shows_how_a_text_splits(client: TestClient) -> None:
         {"second_prompt": SECOND},
         {"logprob": True, "distractor": None},
         {"groups": ["direct_effect", "act_times_grad"], "verify": 3},
+        {"mlp_nodes": "latents", "attn_nodes": "latents"},
+        {"mlp_nodes": "both", "ablate": ["am2.807@13"], "trace": "am1.5@13"},
     ],
-    ids=["plain", "ablate", "trace-head", "trace-neuron", "two-prompts", "logprob", "verify"],
+    ids=[
+        "plain",
+        "ablate",
+        "trace-head",
+        "trace-neuron",
+        "two-prompts",
+        "logprob",
+        "verify",
+        "latents",
+        "latents-ablate-trace",
+    ],
 )
 def test_node_table_equals_the_python_api(
     client: TestClient, demo: LoadedModel, options: dict[str, object]
@@ -363,3 +375,15 @@ def test_tdb_serve_with_a_bad_model_stops_with_a_message(tmp_path: Path) -> None
     assert "Traceback" not in proc.stderr
     with socket.socket() as s:  # nothing was left listening
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_latent_rows_carry_their_type_and_component_link(client: TestClient) -> None:
+    out = client.post("/api/nodes", json=IOI | {"k": 3, "mlp_nodes": "latents"}).json()
+    latents = [r for r in out["nodes"] if r["node_type"] == "autoencoder_latent"]
+    assert latents and all(
+        r["component"] == f"/component/autoencoder_latent/{r['layer']}/{r['index']}?site=mlp_out"
+        for r in latents
+    )
+    assert not [r for r in out["nodes"] if r["node_type"] == "mlp_neuron"]
+    bad = client.post("/api/nodes", json=IOI | {"mlp_nodes": "neurones"})
+    assert bad.status_code == 422 and "mlp_nodes" in bad.text

@@ -174,3 +174,31 @@ def test_a_multi_token_target_is_explained(page: Page, base_url: str) -> None:
     page.click("#submit")
     expect(page.locator('[data-testid="warning-target"]')).to_contain_text('" Mary" | "an" | "ne"')
     expect(page.locator("#error")).to_contain_text("must be a single token")
+
+
+def test_sae_latents_replace_neurons_and_heads_and_stay_in_the_url(
+    page: Page, base_url: str
+) -> None:
+    submit_ioi(page, base_url)
+    page.select_option("#mlp-nodes", "latents")
+    wait_for_results(page)
+    page.select_option("#attn-nodes", "latents")
+    wait_for_results(page)
+    expect(page.locator("#node-table tbody tr[data-node^='am']").first).to_be_visible()
+    assert page.locator("#node-table tbody tr[data-node^='aa']").count() > 0
+    expect(page.locator("#node-table tbody tr[data-node^='n']")).to_have_count(0)
+    expect(page.locator("#node-table tbody tr[data-node^='h']")).to_have_count(0)
+    assert "mlp=latents" in page.url and "attn=latents" in page.url
+
+    # Ablating a latent changes the direction; a reload restores the whole state.
+    before = direction_value(page)
+    page.locator("#node-table tbody tr[data-node^='am2'][data-node$='@13']").first.locator(
+        'button[data-action="ablate"]'
+    ).click()
+    wait_for_results(page)
+    assert direction_value(page) != before
+    url = page.url
+    page.goto(url)
+    wait_for_results(page)
+    assert page.url == url and page.locator("#mlp-nodes").input_value() == "latents"
+    expect(page.locator("#node-table tbody tr[data-node^='am']").first).to_be_visible()

@@ -67,10 +67,14 @@ class PromptRequest(Strict):
     mean_prompts: Annotated[list[Prompt], Field(max_length=8)] = Field(
         default_factory=list, description="reference prompts for :mean ablations"
     )
-    # Which nodes stand for the MLP and attention layers. Only neurons and heads exist today;
-    # sparse-autoencoder latents will add values here without changing the rest of the schema.
-    mlp_nodes: Literal["neurons"] = "neurons"
-    attn_nodes: Literal["heads"] = "heads"
+    # Which nodes stand for the MLP and attention layers: sparse-autoencoder latents come from
+    # the demo model's own SAEs (other models: none, so asking for latents is a 400).
+    mlp_nodes: Literal["neurons", "latents", "both"] = Field(
+        default="neurons", description="MLP nodes: neurons, SAE latents, or both"
+    )
+    attn_nodes: Literal["heads", "latents", "both"] = Field(
+        default="heads", description="attention nodes: heads, SAE latents, or both"
+    )
 
 
 class NodeTableRequest(PromptRequest):

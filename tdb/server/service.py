@@ -104,6 +104,8 @@ def run_table(
         verify=verify,
         views=views,
         groups=groups,
+        mlp_nodes=request.mlp_nodes,
+        attn_nodes=request.attn_nodes,
     )
 
 
@@ -111,7 +113,8 @@ def component_link(node: NodeIndex) -> str | None:
     """Where the component's page lives (served by the corpus scan's router, when present)."""
     if node.node_type is NodeType.EMBEDDING:
         return None
-    return f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+    link = f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+    return link if node.site is None else f"{link}?site={node.site.value}"
 
 
 def finite_float(value: float) -> float | None:

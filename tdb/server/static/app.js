@@ -5,7 +5,9 @@
 // token views, and how target and distractor split into tokens) -> render. Sorting and colours
 // are computed here; choosing node types is answered from the server's results cache.
 
-const NODE_TYPES = ["embedding", "attention_head", "mlp_neuron"];
+const NODE_TYPES = ["embedding", "attention_head", "mlp_neuron", "autoencoder_latent"];
+const MLP_NODES = ["neurons", "latents", "both"];
+const ATTN_NODES = ["heads", "latents", "both"];
 const IOI = {
   prompt: "When Mary and John went to the store, John gave a drink to",
   target: " Mary",
@@ -36,7 +38,7 @@ function emptyState() {
   return {
     prompt: "", target: "", distractor: "", second: "", k: 10,
     ablate: [], trace: "", downstream: "", view: [],
-    types: [...NODE_TYPES], sort: "", order: "desc",
+    types: [...NODE_TYPES], sort: "", order: "desc", mlp: "neurons", attn: "heads",
   };
 }
 
@@ -51,6 +53,8 @@ function readState(search) {
   state.view = q.getAll("view");
   if (q.has("types")) state.types = q.get("types").split(",").filter((t) => NODE_TYPES.includes(t));
   state.order = q.get("order") === "asc" ? "asc" : "desc";
+  if (MLP_NODES.includes(q.get("mlp"))) state.mlp = q.get("mlp");
+  if (ATTN_NODES.includes(q.get("attn"))) state.attn = q.get("attn");
   return state;
 }
 
@@ -65,6 +69,8 @@ function writeState(state) {
   if (state.downstream) q.set("downstream", state.downstream);
   for (const v of state.view) q.append("view", v);
   if (state.types.length !== NODE_TYPES.length) q.set("types", state.types.join(","));
+  if (state.mlp !== "neurons") q.set("mlp", state.mlp);
+  if (state.attn !== "heads") q.set("attn", state.attn);
   if (state.sort) {
     q.set("sort", state.sort);
     q.set("order", state.order);
@@ -100,6 +106,8 @@ function fillForm() {
   for (const box of $("node-types").querySelectorAll("input")) {
     box.checked = state.types.includes(box.value);
   }
+  $("mlp-nodes").value = state.mlp;
+  $("attn-nodes").value = state.attn;
 }
 
 function submitForm(event) {
@@ -138,6 +146,8 @@ function requests() {
   if (state.distractor) base.distractor = state.distractor;
   if (state.trace) base.trace = state.trace;
   if (state.downstream) base.downstream = state.downstream;
+  if (state.mlp !== "neurons") base.mlp_nodes = state.mlp;
+  if (state.attn !== "heads") base.attn_nodes = state.attn;
   const nodes = { ...base, k: state.k, node_types: state.types };
   if (state.second) nodes.second_prompt = state.second;
   const items = [
@@ -451,6 +461,8 @@ async function start() {
   });
   $("target").addEventListener("input", checkSplits);
   $("distractor").addEventListener("input", checkSplits);
+  $("mlp-nodes").addEventListener("change", () => setState({ mlp: $("mlp-nodes").value }));
+  $("attn-nodes").addEventListener("change", () => setState({ attn: $("attn-nodes").value }));
   $("node-types").addEventListener("change", () => {
     const types = [...$("node-types").querySelectorAll("input:checked")].map((b) => b.value);
     setState({ types });

@@ -1,0 +1,111 @@
+"""Shards of a scan as tasks on a Ray cluster (the optional `ray` extra: `pip install tdb[ray]`).
+
+    >>> RayExecutor(settings, "auto").run(todo, done, tokens_read)
+
+One actor per CPU of the cluster (each with `num_cpus=1`) loads the model once and scans the
+shards it is handed; the driver reads the corpus, hands out one shard per idle actor, and writes
+each returned partial as that shard's checkpoint. Workers must be able to read the model at the
+path the driver resolved (the demo model ships inside the package; for other models, a shared
+file system or the same path on every node).
+
+The partial of a shard depends only on the shard and the settings, with one catch: Ray starts
+its workers with OMP_NUM_THREADS=1, and under that MKL takes its sequential kernels, whose float
+results differ from the threaded ones in the last bit. So the actors start with the driver's
+OMP_NUM_THREADS (torch's thread count when it is unset) and then run torch on one thread, which
+keeps the threaded kernels (checked by the test that compares Ray with the in-process scan).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from tdb.errors import TdbError
+from tdb.scan.partial import Bounds
+from tdb.scan.shard import ScanSettings, scan_shard
+from tdb.scan.windows import Shard
+
+
+class ShardWorker:
+    """A Ray actor: the model, loaded once, and the scan of one shard at a time."""
+
+    def __init__(self, settings: ScanSettings) -> None:
+        import torch
+
+        from tdb.checkpoint import load_model
+        from tdb.scan.sources import scan_sources
+
+        torch.set_num_threads(1)  # one actor per CPU
+        self.settings = settings
+        self.model = load_model(settings.model).model
+        self.sources, self.saes = scan_sources(self.model, settings.saes)
+
+    def scan(self, shard: Shard, bounds: Bounds | None) -> dict[str, np.ndarray]:
+        partial = scan_shard(
+            self.model, self.sources, shard, self.settings, None, bounds, self.saes
+        )
+        return partial.to_arrays()
+
+
+class RayExecutor:
+    """Runs shards on the Ray cluster at `address` ("local": start one on this machine; a Ray
+    session already started in this process (`ray.init(...)`) is used as it is)."""
+
+    def __init__(self, settings: ScanSettings, address: str, workers: int | None = None) -> None:
+        self.settings = settings
+        self.address = address
+        self.workers = workers
+
+    def run(
+        self,
+        todo: Iterator[Shard],
+        done: Callable[[Shard, dict[str, np.ndarray]], None],
+        tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise TdbError("--ray needs Ray: pip install 'tdb[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=None if self.address == "local" else self.address)
+        # CPUs free now, not in all: an actor that never gets a CPU would hold its shard forever.
+        resources: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
+        n_workers = self.workers or max(1, int(resources.get("CPU", 1)))
+        import torch
+
+        threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+        worker_class: Any = ray.remote(num_cpus=1, runtime_env=env)(ShardWorker)
+        actors = [worker_class.remote(self.settings) for _ in range(n_workers)]
+        idle = list(actors)
+        running: dict[Any, tuple[Shard, Any]] = {}  # result ref -> (shard, actor)
+        try:
+            for shard in todo:
+                if not idle:
+                    self._collect(ray, running, idle, done, tokens_read)
+                actor = idle.pop()
+                running[actor.scan.remote(shard, bounds())] = (shard, actor)
+            while running:
+                self._collect(ray, running, idle, done, tokens_read)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    @staticmethod
+    def _collect(
+        ray: Any,
+        running: dict[Any, tuple[Shard, Any]],
+        idle: list[Any],
+        done: Callable[[Shard, dict[str, np.ndarray]], None],
+        tokens_read: Callable[[int], None],
+    ) -> None:
+        """Wait for one shard, checkpoint it, and give its actor back."""
+        ready, _ = ray.wait(list(running), num_returns=1)
+        shard, actor = running.pop(ready[0])
+        done(shard, ray.get(ready[0]))
+        tokens_read(shard.n_tokens)
+        idle.append(actor)

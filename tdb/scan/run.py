@@ -1,0 +1,246 @@
+"""A whole scan: corpus -> shards -> partial results (in-process or on Ray) -> Parquet.
+
+    >>> result = scan(Path("corpus.txt"), Path("out"), ScanSettings(k=20, window=64))
+    >>> result.n_tokens, result.out / "examples.parquet"
+
+Shards are checkpointed as they finish (see `checkpoints`); the result is always the fold of
+all shard checkpoints in shard order, so an in-process run, a Ray run and a run resumed after a
+kill write exactly the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tdb.checkpoint import LoadedModel, load_model
+from tdb.errors import TdbError
+from tdb.sae import AttachedSae
+from tdb.scan import checkpoints
+from tdb.scan.corpus import corpus_fingerprint, count_documents, read_corpus
+from tdb.scan.output import write_results
+from tdb.scan.partial import Bounds, ScanPartial
+from tdb.scan.shard import ScanSettings, scan_shard
+from tdb.scan.sources import ComponentSource, scan_sources
+from tdb.scan.windows import Shard, shards
+
+# Test-only: SIGKILL this process right after it has checkpointed this many shards.
+KILL_AFTER_SHARDS_ENV = "TDB_SCAN_TEST_KILL_AFTER_SHARDS"
+
+ShardDone = Callable[[Shard, dict[str, np.ndarray]], None]
+
+
+class Executor(Protocol):
+    """Runs shards and hands each finished one's partial (as arrays) to `done`, in any order;
+    `bounds()` gives the bounds of the examples merged so far, for the next shard."""
+
+    def run(
+        self,
+        todo: Iterator[Shard],
+        done: ShardDone,
+        tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
+    ) -> None: ...
+
+
+@dataclass
+class InProcess:
+    """Shards one after the other in this process."""
+
+    loaded: LoadedModel
+    sources: list[ComponentSource]
+    settings: ScanSettings
+    saes: list[AttachedSae]
+
+    def run(
+        self,
+        todo: Iterator[Shard],
+        done: ShardDone,
+        tokens_read: Callable[[int], None],
+        bounds: Callable[[], Bounds | None],
+    ) -> None:
+        for shard in todo:
+            model, sources, settings = self.loaded.model, self.sources, self.settings
+            partial = scan_shard(model, sources, shard, settings, tokens_read, bounds(), self.saes)
+            done(shard, partial.to_arrays())
+
+
+class Checkpoint:
+    """The merged prefix of finished shards plus finished shards waiting for their turn; every
+    change is on disk before `add` returns (see `checkpoints`)."""
+
+    def __init__(self, out: Path, names: list[str], k: int) -> None:
+        self.out, self.names, self.k = out, names, k
+        self.state: ScanPartial | None = None
+        self.prefix = 0
+        self.waiting: dict[int, ScanPartial] = {}
+
+    @staticmethod
+    def open(out: Path, names: list[str], k: int) -> Checkpoint:
+        checkpoint = Checkpoint(out, names, k)
+        saved = checkpoints.load_state(out, names)
+        if saved is not None:
+            checkpoint.state, checkpoint.prefix = saved
+        for index in checkpoints.shard_files(out):
+            if index < checkpoint.prefix:  # merged already; killed before its file was deleted
+                checkpoints.shard_path(out, index).unlink()
+            else:
+                checkpoint.waiting[index] = checkpoints.load_shard(out, index, names)
+        checkpoint.advance()
+        return checkpoint
+
+    def has(self, index: int) -> bool:
+        return index < self.prefix or index in self.waiting
+
+    def add(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        partial = ScanPartial.from_arrays(arrays, self.names)
+        if index != self.prefix:
+            checkpoints.save_shard(self.out, index, arrays)
+        self.waiting[index] = partial
+        self.advance()
+
+    def advance(self) -> None:
+        """Merge the waiting shards that continue the prefix, in order, and save the state."""
+        start = self.prefix
+        while self.prefix in self.waiting:
+            partial = self.waiting.pop(self.prefix)
+            if self.state is None:
+                self.state = partial
+            else:
+                self.state.absorb_(partial)
+            self.prefix += 1
+        if self.prefix != start and self.state is not None:
+            checkpoints.save_state(self.out, self.state, self.prefix)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    out: Path
+    n_shards: int
+    n_docs: int
+    n_windows: int
+    n_tokens: int
+    shards_run: int  # by this call (0: everything was checkpointed already)
+
+
+class Progress(Protocol):
+    def start(self, total_docs: int) -> None: ...
+    def docs(self, n: int) -> None: ...
+    def tokens(self, n: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_docs: int) -> None:
+        pass
+
+    def docs(self, n: int) -> None:
+        pass
+
+    def tokens(self, n: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def scan(
+    corpus: Path,
+    out: Path,
+    settings: ScanSettings,
+    ray_address: str | None = None,
+    progress: Progress | None = None,
+) -> ScanResult:
+    """Scan `corpus` into `out` (resuming it if it holds this scan, unfinished); with
+    `ray_address` ("auto", "local" or a cluster address) shards run as Ray actors."""
+    progress = progress or NoProgress()
+    loaded = load_model(settings.model)
+    n_ctx = loaded.model.config.n_ctx
+    if settings.window > n_ctx:
+        raise TdbError(f"--window {settings.window} is longer than the model's context ({n_ctx})")
+    if not loaded.tokenizer.has_text:
+        raise TdbError(f"{loaded.path} has no tokenizer, so it cannot read a text corpus")
+    settings = dataclasses.replace(settings, model=str(loaded.path.resolve()))
+    settings = dataclasses.replace(
+        settings, saes=tuple(str(Path(p).resolve()) for p in settings.saes)
+    )
+    sources, saes = scan_sources(loaded.model, settings.saes)
+    names = [s.name for s in sources]
+    identity: dict[str, Any] = settings.resolved(loaded.path) | {
+        "corpus": str(corpus.resolve()),
+        "corpus_fingerprint": corpus_fingerprint(corpus),
+        "sources": names,
+    }
+    manifest = checkpoints.open_out(out, identity)
+    if manifest.get("complete"):
+        return ScanResult(
+            out,
+            n_shards=int(manifest["n_shards"]),
+            n_docs=int(manifest["n_docs"]),
+            n_windows=int(manifest["n_windows"]),
+            n_tokens=int(manifest["n_tokens"]),
+            shards_run=0,
+        )
+
+    checkpoint = Checkpoint.open(out, names, settings.k)
+    n_shards = 0
+    ran = 0
+    kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0"))
+
+    def todo() -> Iterator[Shard]:
+        nonlocal n_shards
+        tokenized = shards(
+            read_corpus(corpus), loaded.tokenizer, settings.window, settings.shard_windows
+        )
+        for shard in tokenized:
+            n_shards = shard.index + 1
+            if checkpoint.has(shard.index):
+                progress.docs(shard.n_docs)
+                continue
+            yield shard
+
+    def done(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
+        nonlocal ran
+        checkpoint.add(shard.index, arrays)
+        progress.docs(shard.n_docs)
+        ran += 1
+        if ran == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def bounds() -> Bounds | None:
+        return None if checkpoint.state is None else checkpoint.state.bounds()
+
+    progress.start(count_documents(corpus))
+    try:
+        if ray_address is None:
+            InProcess(loaded, sources, settings, saes).run(todo(), done, progress.tokens, bounds)
+        else:
+            from tdb.scan.ray_executor import RayExecutor
+
+            RayExecutor(settings, ray_address).run(todo(), done, progress.tokens, bounds)
+    finally:
+        progress.stop()
+
+    if checkpoint.prefix != n_shards:
+        raise RuntimeError(f"shards {checkpoint.prefix}..{n_shards - 1} were not all scanned")
+    total = checkpoint.state or ScanPartial.empty(sources, settings.k, settings.window)
+    write_results(out, total, sources, corpus, loaded.tokenizer, settings.window)
+    manifest |= {
+        "complete": True,
+        "n_shards": n_shards,
+        "n_docs": total.n_docs,
+        "n_windows": total.n_windows,
+        "n_tokens": total.n_tokens,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    checkpoints.write_manifest(out, manifest)
+    checkpoints.drop_state(out)  # the result holds everything now; a re-run stops at `complete`
+    return ScanResult(out, n_shards, total.n_docs, total.n_windows, total.n_tokens, ran)
