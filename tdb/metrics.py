@@ -177,15 +177,25 @@ def neuron_activation(x: MlpInputs) -> Tensor:
     return x.post
 
 
+def scaled_write_norm(act: Tensor, writes: Tensor) -> Tensor:
+    """|a| · ‖w‖ per unit: activations [pos unit] scaling fixed write vectors [unit d_model]."""
+    return act.abs() * writes.pow(2).sum(dim=-1).sqrt()
+
+
+def scaled_direct_effect(act: Tensor, writes: Tensor, read: ReadOut) -> Tensor:
+    """a · (w · g) at the read positions, zero elsewhere (units that write a · w)."""
+    out = torch.zeros_like(act)
+    positions = list(read.positions)
+    out[positions] = act[positions] * (read.g @ writes.T)  # [read_pos unit]
+    return out
+
+
 def neuron_write_norm(x: MlpInputs) -> Tensor:
-    return x.post.abs() * x.W_out.pow(2).sum(dim=-1).sqrt()
+    return scaled_write_norm(x.post, x.W_out)
 
 
 def neuron_direct_effect(x: MlpInputs) -> Tensor:
-    out = torch.zeros_like(x.post)
-    positions = list(x.read.positions)
-    out[positions] = x.post[positions] * (x.read.g @ x.W_out.T)  # [read_pos d_mlp]
-    return out
+    return scaled_direct_effect(x.post, x.W_out, x.read)
 
 
 def neuron_act_times_grad(x: MlpInputs) -> Tensor:
@@ -200,14 +210,11 @@ def latent_activation(x: LatentInputs) -> Tensor:
 
 
 def latent_write_norm(x: LatentInputs) -> Tensor:
-    return x.z.abs() * x.write_dirs.pow(2).sum(dim=-1).sqrt()
+    return scaled_write_norm(x.z, x.write_dirs)
 
 
 def latent_direct_effect(x: LatentInputs) -> Tensor:
-    out = torch.zeros_like(x.z)
-    positions = list(x.read.positions)
-    out[positions] = x.z[positions] * (x.read.g @ x.write_dirs.T)  # [read_pos d_sae]
-    return out
+    return scaled_direct_effect(x.z, x.write_dirs, x.read)
 
 
 def latent_act_times_grad(x: LatentInputs) -> Tensor:
