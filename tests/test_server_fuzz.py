@@ -69,7 +69,13 @@ def client(loaded: LoadedModel) -> TestClient:
 
 
 @given(request=requests(), views=st.booleans())
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 def test_tdb_grammar_never_gets_a_server_error(
     client: TestClient, request: dict[str, object], views: bool
 ) -> None:

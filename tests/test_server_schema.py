@@ -71,6 +71,7 @@ def test_generated_requests_get_no_server_error(
         max_examples=BATCH_EXAMPLES if label.endswith("batch") else EXAMPLES[mode],
         deadline=None,
         database=None,
+        derandomize=True,  # the same examples every run: CI never fails by the draw
         suppress_health_check=list(HealthCheck),
     )
     def run(case: schemathesis.Case) -> None:

@@ -35,6 +35,7 @@ from tdb.server.worker import QueueFullError
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "bad input: the message says what to change"},
+    413: {"model": ErrorResponse, "description": "the request body is over 4 MiB"},
     422: {"model": ErrorResponse, "description": "the request does not match the schema"},
     503: {"model": ErrorResponse, "description": "the model is busy: retry after Retry-After s"},
 }
