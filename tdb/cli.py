@@ -265,9 +265,9 @@ def resolve_choice(
 
 def demo_sae_dir(model: str | None) -> tuple[str]:
     """`--latents`: the demo model's SAEs, for the demo model only."""
-    from tdb.latents import DEMO_SAE_DIR
+    from tdb.latents import DEMO_SAE_DIR, is_demo_model
 
-    if model is not None:
+    if model is not None and not is_demo_model(Path(model)):
         raise TdbError("--latents: only the demo model has its own SAEs; give --sae DIR_OR_FILE")
     return (str(DEMO_SAE_DIR),)
 

@@ -128,6 +128,11 @@ ATTN_NODE_CHOICES = ("heads", "latents", "both")
 DEMO_SAE_DIR = DEMO_MODEL_DIR.parent / "sae"
 
 
+def is_demo_model(path: Path) -> bool:
+    """Whether the checkpoint at `path` is the built-in demo model (whose SAEs ship with it)."""
+    return path.resolve() == DEMO_MODEL_DIR.resolve()
+
+
 def resolve_saes(
     loaded: LoadedModel,
     saes: Sequence[AttachedSae | str | Path],
@@ -156,8 +161,7 @@ def resolve_saes(
 
         if not wants or any(reads(a) for a in attached):
             continue
-        is_demo = loaded.path.resolve() == DEMO_MODEL_DIR.resolve()
-        if not is_demo or not DEMO_SAE_DIR.is_dir():
+        if not is_demo_model(loaded.path) or not DEMO_SAE_DIR.is_dir():
             raise TdbError(
                 f"{kind} latents need an SAE on this model's {kind} (--sae DIR_OR_FILE); "
                 "only the demo model has SAEs built in"

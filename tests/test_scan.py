@@ -570,3 +570,13 @@ def test_sae_latents_are_scanned_next_to_neurons_and_heads(
     assert one.status_code == 200 and one.json()["site"] == "mlp_out"
     both = client.get("/api/component/autoencoder_latent/1/3")
     assert both.status_code == 404 and "?site=" in both.json()["detail"]
+
+
+def test_latents_flag_takes_the_demo_model_by_default_or_by_path(tmp_path: Path) -> None:
+    from tdb.checkpoint import DEMO_MODEL_DIR
+    from tdb.cli import demo_sae_dir
+    from tdb.latents import DEMO_SAE_DIR
+
+    assert demo_sae_dir(None) == demo_sae_dir(str(DEMO_MODEL_DIR)) == (str(DEMO_SAE_DIR),)
+    with pytest.raises(TdbError, match="--sae DIR_OR_FILE"):
+        demo_sae_dir(str(tmp_path))
