@@ -230,7 +230,7 @@ def test_sharding_and_batching_do_not_change_the_records(
 # --- Ray, resume, re-run ----------------------------------------------------------------------
 
 
-def test_local_ray_cluster_gives_exactly_the_in_process_records(
+def test_local_ray_cluster_gives_the_in_process_records(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
 ) -> None:
     ray = pytest.importorskip("ray")
@@ -241,7 +241,32 @@ def test_local_ray_cluster_gives_exactly_the_in_process_records(
         ray.shutdown()
     assert result.shards_run == result.n_shards >= 3
     for name in ("examples.parquet", "stats.parquet"):
-        assert read(scanned, name).equals(read(tmp_path / "ray", name)), name
+        assert_same_records(read(scanned, name), read(tmp_path / "ray", name))
+
+
+def assert_same_records(a: pa.Table, b: pa.Table) -> None:
+    """Same rows, same order, every non-float column equal; float columns equal to float32
+    rounding: a matmul's summation order, so its last bit, depends on the thread count (a Ray
+    actor runs torch on one thread) and on how busy the machine is (MKL's dynamic threading)."""
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x, y = a[name].to_pylist(), b[name].to_pylist()
+        kind = a.schema.field(name).type
+        floats = pa.types.is_floating(kind) or (
+            pa.types.is_list(kind) and pa.types.is_floating(kind.value_type)
+        )
+        if not floats:
+            assert x == y, name
+            continue
+        for u, v in zip(x, y, strict=True):
+            assert (u is None) == (v is None), name
+            np.testing.assert_allclose(
+                np.asarray(u, np.float64),
+                np.asarray(v, np.float64),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=name,
+            )
 
 
 def cli_scan(
@@ -295,7 +320,7 @@ def test_killed_scan_resumes_to_the_same_records_and_a_finished_one_is_left_alon
     assert manifest["complete"] and f"{manifest['n_shards'] - 2} shards scanned" in resumed.stdout
     assert not list((out / "shards").iterdir())
     for name in ("examples.parquet", "stats.parquet"):
-        assert read(scanned, name).equals(read(out, name)), name
+        assert_same_records(read(scanned, name), read(out, name))
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     again = cli_scan(out, corpus_file, checkpoint_dir)
     assert again.returncode == 0 and "already complete" in again.stdout

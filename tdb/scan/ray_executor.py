@@ -8,11 +8,13 @@ each returned partial as that shard's checkpoint. Workers must be able to read t
 path the driver resolved (the demo model ships inside the package; for other models, a shared
 file system or the same path on every node).
 
-The partial of a shard depends only on the shard and the settings, with one catch: Ray starts
-its workers with OMP_NUM_THREADS=1, and under that MKL takes its sequential kernels, whose float
-results differ from the threaded ones in the last bit. So the actors start with the driver's
-OMP_NUM_THREADS (torch's thread count when it is unset) and then run torch on one thread, which
-keeps the threaded kernels (checked by the test that compares Ray with the in-process scan).
+The records of a shard depend only on the shard and the settings; the float values in them
+agree with the in-process scan's to float32 rounding, not always to the last bit: a matmul's
+summation order depends on the thread count and, under MKL's dynamic threading, on the machine's
+load. The actors start with the driver's OMP_NUM_THREADS (torch's thread count when it is unset;
+Ray would set 1, which selects MKL's sequential kernels) and run torch on one thread, which keeps
+the values closest to the in-process run's. The test that compares Ray with the in-process scan
+checks every non-float column exactly and the floats to float32 rounding.
 """
 
 from __future__ import annotations
