@@ -292,7 +292,7 @@ def train(args: argparse.Namespace) -> TrainingLog:
             )
             loss_sum, loss_n, t_log = 0.0, 0, time.time()
 
-        cool_length = max(100, step // 5)
+        cool_length = max(100, int(step * args.cooldown_fraction))
         elapsed = time.time() - start
         if elapsed + (cool_length + 20) * sec_per_step > max_seconds and step > 20:
             if step < schedule.decay_start:
@@ -352,6 +352,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock budget")
     parser.add_argument(
+        "--cooldown-fraction",
+        type=float,
+        default=0.2,
+        help="length of the learning-rate cool-down that the time budget or an early pass starts, "
+        "as a fraction of the steps run so far (at least 100 steps)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("auto", "bf16", "fp32"),
         default="auto",
@@ -369,7 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="torch device; the shipped checkpoint is trained on cpu (others: recipe experiments)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.cooldown_fraction <= 1.0:
+        parser.error(f"--cooldown-fraction must be in (0, 1], got {args.cooldown_fraction}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
