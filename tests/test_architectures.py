@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from hook_shapes import assert_documented_hook_shapes
 from node_values import all_nodes, reference_values
 from reference_rotary import naive_run
 from transformers import (
@@ -185,47 +186,7 @@ def test_direct_effects_add_up_to_the_direction(checkpoint: tuple[PreTrainedMode
 def test_every_hook_point_fires_with_the_documented_shape(
     checkpoint: tuple[PreTrainedModel, Path],
 ) -> None:
-    model = load_model(checkpoint[1]).model
-    c = model.config
-    seen: dict[tuple[HookPoint, int | None], tuple[int, ...]] = {}
-
-    def record(point: HookPoint):  # type: ignore[no-untyped-def]
-        def hook(x: torch.Tensor, layer: int | None) -> None:
-            seen[(point, layer)] = tuple(x.shape)
-
-        return hook
-
-    model(torch.randint(0, VOCAB, (2, 5)), Hooks({p: record(p) for p in HookPoint}))
-    d, h, dh, m = c.d_model, c.n_head, c.d_head, c.d_mlp
-    per_layer = {
-        HookPoint.RESID_PRE: (2, 5, d),
-        HookPoint.LN1_SCALE: (2, 5, 1),
-        HookPoint.Q: (2, 5, h, dh),
-        HookPoint.K: (2, 5, h, dh),
-        HookPoint.V: (2, 5, h, dh),
-        HookPoint.ATTN_LOGITS: (2, h, 5, 5),
-        HookPoint.ATTN_PROBS: (2, h, 5, 5),
-        HookPoint.ATTN_Z: (2, 5, h, dh),
-        HookPoint.ATTN_OUT: (2, 5, d),
-        HookPoint.RESID_MID: (2, 5, d),
-        HookPoint.LN2_SCALE: (2, 5, 1),
-        HookPoint.MLP_PRE: (2, 5, m),
-        HookPoint.MLP_POST: (2, 5, m),
-        HookPoint.MLP_OUT: (2, 5, d),
-        HookPoint.RESID_POST: (2, 5, d),
-    }
-    if isinstance(model, Llama):
-        per_layer[HookPoint.MLP_UP] = (2, 5, m)  # gated MLP
-    top = {
-        HookPoint.TOKEN_EMBED: (2, 5, d),
-        HookPoint.RESID_EMBED: (2, 5, d),
-        HookPoint.RESID_FINAL: (2, 5, d),
-        HookPoint.LN_FINAL_SCALE: (2, 5, 1),
-        HookPoint.LOGITS: (2, 5, c.d_vocab),
-    }
-    expected = {(p, layer): s for p, s in per_layer.items() for layer in range(c.n_layer)}
-    expected |= {(p, None): s for p, s in top.items()}
-    assert seen == expected
+    assert_documented_hook_shapes(load_model(checkpoint[1]).model)
 
 
 def test_a_replacing_hook_changes_the_output(checkpoint: tuple[PreTrainedModel, Path]) -> None:

@@ -93,12 +93,6 @@ def test_ioi_heads_the_table_points_at_carry_the_behaviour(demo: LoadedModel) ->
     assert result["random_cut"] < 0.2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known shortfall (issue 4 stays open): on the shipped model the top 3 head nodes remove "
-    "48.2% of the induction logit difference (random heads 5.9%), just under the 50% bound "
-    "(stage 4: 49.8%, stage 3: 55%; top 4 nodes: 64%). Strict, so it fails once the bound holds",
-)
 def test_induction_heads_the_table_points_at_carry_the_behaviour(demo: LoadedModel) -> None:
     result = check_circuit(demo, induction_cases(demo, 24))
     assert result["top3_cut"] >= 0.5

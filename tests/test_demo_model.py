@@ -139,3 +139,22 @@ def test_missing_bible_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("shutil.which", lambda _: None)
     with pytest.raises(bible.BibleNotInstalledError, match="apt-get install -y bible-kjv-text"):
         bible.load_bible_chapters()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--cooldown-fraction", "0", "--cooldown-fraction must be in (0, 1]"),
+        ("--cooldown-fraction", "1.5", "--cooldown-fraction must be in (0, 1]"),
+        ("--d-mlp", "0", "--d-mlp must be a positive whole number"),
+    ],
+)
+def test_training_script_rejects_bad_settings_before_training(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tdb.demo.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--out", "unused", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

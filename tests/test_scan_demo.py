@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tdb.checkpoint import DEMO_MODEL_DIR
 from tdb.cli import main
 from tdb.scan.corpus import DEMO_CORPUS, count_documents
 
@@ -26,9 +27,10 @@ def test_scan_runs_with_no_other_arguments(
                    count(*) FILTER (rank IS NOT NULL), count(*) FILTER (rank IS NULL)
             FROM '{out / "examples.parquet"}' GROUP BY node_type ORDER BY node_type"""
     ).fetchall()
-    # The demo model: 3 layers of 8 heads and 1024 neurons; k = 20 top and 20 random each.
+    # The demo model: 3 layers of 8 heads and d_mlp neurons; k = 20 top and 20 random each.
+    d_mlp = json.loads((DEMO_MODEL_DIR / "config.json").read_text())["n_inner"]
     assert rows == [
         ("attention_head", 3, 8, 3 * 8 * 20, 3 * 8 * 20),
-        ("mlp_neuron", 3, 1024, 3 * 1024 * 20, 3 * 1024 * 20),
+        ("mlp_neuron", 3, d_mlp, 3 * d_mlp * 20, 3 * d_mlp * 20),
     ]
     assert not (out / "state.npz").exists() and not list((out / "shards").iterdir())

@@ -213,7 +213,7 @@ BAD_REQUESTS = [
     ("/api/nodes", IOI | {"ablate": ["x1"]}, 400, "node id 'x1' is not one of"),
     ("/api/nodes", IOI | {"ablate": ["h7.0@13:1"]}, 400, "layer 7 is outside 0..2"),
     ("/api/nodes", IOI | {"ablate": ["n0.5@99"]}, 400, "token 99 is outside the prompt (0..13)"),
-    ("/api/nodes", IOI | {"ablate": ["n0.5000@3"]}, 400, "neuron 5000 is outside 0..1023"),
+    ("/api/nodes", IOI | {"ablate": ["n0.5000@3"]}, 400, "neuron 5000 is outside 0..511"),
     ("/api/nodes", IOI | {"ablate": ["h1.2@3:9"]}, 400, "key token 9 must be in 0..3"),
     ("/api/nodes", IOI | {"ablate": ["e@2:resample"]}, 400, "needs a second prompt"),
     ("/api/nodes", IOI | {"trace": "e@3"}, 400, "trace e@3: trace an MLP neuron"),

@@ -1,6 +1,6 @@
 """Train the demo model: a 3-layer GPT-2 with IOI, induction and capital circuits, on CPU.
 
-    $ python -m tdb.demo.train --out runs/demo --steps 6000 --seed 0
+    $ python -m tdb.demo.train --out runs/demo   # the shipped recipe: one run, <= 44 minutes
 
 Needs the King James Bible from Debian (`apt-get install bible-kjv-text bible-kjv`); nothing is
 downloaded. Writes `config.json` + `model.safetensors` (float16), `tokenizer.json` and
@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,11 +34,12 @@ from tdb.demo.batches import IGNORE, Batch, DocumentMix, document_layout
 from tdb.demo.bible import BibleNotInstalledError, bible_document, load_bible_chapters
 from tdb.demo.evaluate import DemoEval, evaluate_model
 from tdb.demo.tokenizer import D_VOCAB, END_OF_TEXT, check_tokenizer, train_tokenizer
+from tdb.errors import TdbError
 from tdb.models.gpt2 import GPT2, GPT2Config
 from tdb.tokens import Tokenizer
 
 DEMO_CONFIG = GPT2Config(
-    d_vocab=D_VOCAB, n_ctx=128, d_model=256, n_layer=3, n_head=8, d_mlp=1024, layer_norm_eps=1e-5
+    d_vocab=D_VOCAB, n_ctx=128, d_model=256, n_layer=3, n_head=8, d_mlp=512, layer_norm_eps=1e-5
 )
 EARLY_STOP_MARGIN = 0.05  # accuracies >= threshold + 5 points, logit diff >= threshold + 1
 
@@ -221,14 +222,20 @@ def train(args: argparse.Namespace) -> TrainingLog:
     prose = prose_batch(prose_chapters, tokenizer, DEMO_CONFIG.n_ctx, eot)
 
     device = torch.device(args.device)
-    model = GPT2(DEMO_CONFIG)
+    config = replace(DEMO_CONFIG, d_mlp=args.d_mlp)
+    model = GPT2(config)
     model.init_weights(seed=args.seed)
     with torch.no_grad():
         model.W_pos.copy_(sinusoid_positions(DEMO_CONFIG.n_ctx, DEMO_CONFIG.d_model, std=0.02))
     if args.init_from is not None:
         start_from = load_model(args.init_from).model
         if not isinstance(start_from, GPT2):
-            raise ValueError(f"--init-from {args.init_from}: not a GPT-2 checkpoint")
+            raise TdbError(f"--init-from {args.init_from}: not a GPT-2 checkpoint")
+        if start_from.config.d_mlp != config.d_mlp:
+            raise TdbError(
+                f"--init-from {args.init_from} has d_mlp {start_from.config.d_mlp}; "
+                f"pass --d-mlp {start_from.config.d_mlp}"
+            )
         model.load_state_dict(start_from.state_dict())
         log.init_from = str(args.init_from)
     model.to(device)
@@ -336,7 +343,12 @@ def _scores(result: DemoEval) -> dict[str, float | int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tdb.demo.train", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=5000, help="planned optimiser steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20000,
+        help="planned optimiser steps (the time budget or an early pass usually ends it first)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--init-from",
@@ -345,16 +357,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue from this checkpoint's weights and tokenizer (fresh optimiser and schedule)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--d-mlp",
+        type=int,
+        default=DEMO_CONFIG.d_mlp,
+        help="MLP width (the rest of the shape is fixed)",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock budget")
+    parser.add_argument("--max-minutes", type=float, default=44.0, help="wall-clock budget")
     parser.add_argument(
         "--cooldown-fraction",
         type=float,
-        default=0.2,
+        default=0.1,
         help="length of the learning-rate cool-down that the time budget or an early pass starts, "
         "as a fraction of the steps run so far (at least 100 steps)",
     )
@@ -377,6 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch device; the shipped checkpoint is trained on cpu (others: recipe experiments)",
     )
     args = parser.parse_args(argv)
+    if args.d_mlp < 1:
+        parser.error(f"--d-mlp must be a positive whole number, got {args.d_mlp}")
     if not 0.0 < args.cooldown_fraction <= 1.0:
         parser.error(f"--cooldown-fraction must be in (0, 1], got {args.cooldown_fraction}")
     return args
@@ -386,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except BibleNotInstalledError as err:
+    except (BibleNotInstalledError, TdbError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
-from tdb.models.layers import ACTIVATIONS, MLP, LayerNorm
+from tdb.models.layers import ACTIVATIONS, MLP, LayerNorm, final_logits, sequential_block
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,8 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        x = hooks(HookPoint.RESID_PRE, x)
-        x = x + hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), mask, hooks))
-        x = hooks(HookPoint.RESID_MID, x)
-        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
-        return hooks(HookPoint.RESID_POST, x)
+        attend = partial(self.attn, mask=mask, hooks=hooks)
+        return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
 
 
 class GPT2(nn.Module):
@@ -183,7 +181,4 @@ class GPT2(nn.Module):
         x = top(HookPoint.RESID_EMBED, token_embed + pos_embed)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
-        if logit_positions is not None:
-            x = x[:, logit_positions]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)

@@ -165,6 +165,41 @@ def causal_mask(
     return allowed[None] if attention_mask is None else allowed[None] & attention_mask
 
 
+Sublayer = Callable[[Tensor, Hooks], Tensor]  # a norm or an MLP: f(x, hooks)
+
+
+def sequential_block(
+    x: Float[Tensor, "batch pos d_model"],
+    attend: Callable[[Tensor], Tensor],
+    ln_1: Sublayer,
+    ln_2: Sublayer,
+    mlp: Sublayer,
+    hooks: Hooks,
+) -> Float[Tensor, "batch pos d_model"]:
+    """A pre-norm block: attention, then the MLP, each adding its write to the residual stream
+    (`attend` is the block's attention on the normalised stream, its mask and positions bound)."""
+    x = hooks(HookPoint.RESID_PRE, x)
+    x = x + hooks(HookPoint.ATTN_OUT, attend(ln_1(x, hooks)))
+    x = hooks(HookPoint.RESID_MID, x)
+    x = x + hooks(HookPoint.MLP_OUT, mlp(ln_2(x, hooks), hooks))
+    return hooks(HookPoint.RESID_POST, x)
+
+
+def final_logits(
+    x: Float[Tensor, "batch pos d_model"],
+    ln_f: Sublayer,
+    unembed: Float[Tensor, "d_model d_vocab"],
+    logit_positions: Int[Tensor, " logit_pos"] | None,
+    top: Hooks,
+) -> Float[Tensor, "batch logit_pos d_vocab"]:
+    """The last residual stream through the final norm and the unembedding, at `logit_positions`
+    (default every position); `top` is the hooks outside any layer."""
+    x = top(HookPoint.RESID_FINAL, x)
+    if logit_positions is not None:
+        x = x[:, logit_positions]
+    return top(HookPoint.LOGITS, ln_f(x, top) @ unembed)
+
+
 # --- attention ---------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -30,7 +31,9 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
+    final_logits,
     normal,
+    sequential_block,
 )
 
 
@@ -83,11 +86,8 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        x = hooks(HookPoint.RESID_PRE, x)
-        x = x + hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), rotary, mask, hooks))
-        x = hooks(HookPoint.RESID_MID, x)
-        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
-        return hooks(HookPoint.RESID_POST, x)
+        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
+        return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
 
 
 class Llama(nn.Module):
@@ -137,10 +137,7 @@ class Llama(nn.Module):
         for layer, block in enumerate(self.blocks):
             mask = masks[self.config.window(layer)]
             x = block(x, rotary, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
-        if logit_positions is not None:
-            x = x[:, logit_positions]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------

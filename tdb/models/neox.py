@@ -13,6 +13,7 @@ Only the first `rotary_dim` dims of each head turn (Pythia: a quarter). `config_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -28,7 +29,9 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
+    final_logits,
     normal,
+    sequential_block,
 )
 
 
@@ -76,17 +79,16 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
+        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
+        if not self.parallel:
+            return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
+        # Both read the block's input. RESID_MID (input + attention's write) is what the stream
+        # would hold between them; nothing in the block reads it.
         x = hooks(HookPoint.RESID_PRE, x)
-        attn_out = hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), rotary, mask, hooks))
-        if self.parallel:
-            # Both read the block's input. RESID_MID (input + attention's write) is what the
-            # stream would hold between them; nothing in the block reads it.
-            mlp_out = hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
-            x = hooks(HookPoint.RESID_MID, x + attn_out)
-            return hooks(HookPoint.RESID_POST, x + mlp_out)
+        attn_out = hooks(HookPoint.ATTN_OUT, attend(self.ln_1(x, hooks)))
+        mlp_out = hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
         x = hooks(HookPoint.RESID_MID, x + attn_out)
-        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
-        return hooks(HookPoint.RESID_POST, x)
+        return hooks(HookPoint.RESID_POST, x + mlp_out)
 
 
 class NeoX(nn.Module):
@@ -134,10 +136,7 @@ class NeoX(nn.Module):
         x = top(HookPoint.RESID_EMBED, token_embed)
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
-        if logit_positions is not None:
-            x = x[:, logit_positions]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------
