@@ -1,6 +1,6 @@
 """Pieces shared by the architectures: activations, LayerNorm, RMSNorm, rotary position
-embeddings, the causal (optionally sliding-window) mask, grouped-query attention, and the plain
-and gated MLPs.
+embeddings, the causal (optionally sliding-window) mask, the pre-norm block and the final logits,
+grouped-query attention, and the plain and gated MLPs.
 
     >>> rotary = Rotary.at(position_ids, RopeConfig(theta=10000.0, rotary_dim=64))
     >>> out = attn(ln_1(x, hooks), rotary, causal_mask(n_pos, None, None, x.device), hooks)
