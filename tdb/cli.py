@@ -10,9 +10,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from tdb.errors import TdbError
+
+if TYPE_CHECKING:
+    from tdb.table.request import NodeRequest
+
+E = TypeVar("E", bound=Enum)
+GROUP_NAMES = "activation, write_norm, direct_effect, act_times_grad"
+NODE_TYPE_NAMES = "embedding, attention_head, mlp_neuron, autoencoder_latent"
 
 
 def parse_ids(text: str, flag: str) -> list[int]:
@@ -59,8 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--downstream", metavar="ID", help="the downstream node of a :v trace")
     nodes.add_argument(
+        "--compare-prompt",
+        help="a second prompt of the same token count, shown side by side (left, right, diff)",
+    )
+    nodes.add_argument(
+        "--resample-prompt", help="the source of :resample ablations (same token count)"
+    )
+    nodes.add_argument(
         "--second-prompt",
-        help="source of :resample ablations; otherwise shown side by side (same token count)",
+        help="older name: --resample-prompt with :resample ablations, else --compare-prompt",
     )
     nodes.add_argument("--verify", default="0", metavar="N", help="ablate the top N nodes")
     nodes.add_argument(
@@ -90,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention nodes: heads at (query, key), SAE latents of the attention output, or both",
     )
     nodes.add_argument("-k", type=str, default="10", help="nodes per metric and node type")
+    nodes.add_argument(
+        "--groups",
+        metavar="METRIC,...",
+        help=f"the metrics (columns) to compute, comma-separated (default all: {GROUP_NAMES})",
+    )
+    nodes.add_argument(
+        "--node-types",
+        metavar="TYPE,...",
+        help=f"show only these node types, comma-separated ({NODE_TYPE_NAMES})",
+    )
+    nodes.add_argument(
+        "--sort",
+        metavar="METRIC",
+        help="order rows by this metric, largest first (signed metrics by magnitude) instead "
+        "of the top-k's order",
+    )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
 
@@ -168,10 +200,26 @@ def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
     return value
 
 
-def run_nodes(args: argparse.Namespace) -> None:
-    k = parse_int(args.k, "-k", minimum=0)
-    verify = parse_int(args.verify, "--verify", minimum=0)
-    position = parse_int(args.position, "--position")
+def parse_choices(text: str | None, flag: str, enum: type[E]) -> list[E] | None:
+    """`"a,b"` -> [enum("a"), enum("b")], or a TdbError naming the flag and what is allowed."""
+    if text is None:
+        return None
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            out.append(enum(part))
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum)
+            raise TdbError(f"{flag}: {part!r} is not one of {allowed}") from None
+    return out
+
+
+def nodes_request(args: argparse.Namespace) -> NodeRequest:
+    """The request `tdb nodes ...` makes: argv parsed into the one type every front end uses."""
+    from tdb.metrics import Group
+    from tdb.nodes import NodeType
+    from tdb.table.request import NodeRequest, second_prompt_fields
+
     if (args.prompt is None) == (args.token_ids is None):
         raise TdbError("give the prompt either as text or with --token-ids, exactly one of them")
     uses_tokens = not (args.logprob or args.vector)
@@ -179,32 +227,47 @@ def run_nodes(args: argparse.Namespace) -> None:
     distractor = resolve_choice(
         args.distractor, args.distractor_id, "--distractor", "--distractor-id", uses_tokens
     )
-    prompt = args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids")
-
-    from tdb.checkpoint import load_model  # imported late: --help and bad flags answer at once
-    from tdb.table import node_table
-
-    loaded = load_model(args.model)
-    table = node_table(
-        loaded,
-        prompt,
-        target,
-        distractor,
-        k=k,
-        position=position,
+    if args.second_prompt is not None and (args.compare_prompt or args.resample_prompt):
+        raise TdbError("give --second-prompt or --compare-prompt / --resample-prompt, not both")
+    groups = parse_choices(args.groups, "--groups", Group)
+    sort = parse_choices(args.sort, "--sort", Group)
+    if sort is not None and len(sort) != 1:
+        raise TdbError("--sort: give one metric")
+    second = {"resample_prompt": args.resample_prompt, "compare_prompt": args.compare_prompt}
+    second |= second_prompt_fields(args.second_prompt, args.ablate)
+    return NodeRequest(
+        prompt=args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids"),
+        target=target,
+        distractor=distractor,
+        k=parse_int(args.k, "-k", minimum=0),
+        position=parse_int(args.position, "--position"),
         logprob=args.logprob,
         vector=args.vector,
         trace=args.trace,
         downstream=args.downstream,
-        ablate=args.ablate,
-        second_prompt=args.second_prompt,
-        mean_prompts=args.mean_prompt,
-        verify=verify,
-        views=args.view_node or args.views,
-        saes=args.sae,
+        ablate=tuple(args.ablate),
+        mean_prompts=tuple(args.mean_prompt),
+        verify=parse_int(args.verify, "--verify", minimum=0),
+        views=args.views,
+        view_nodes=tuple(args.view_node),
+        saes=tuple(args.sae),
         mlp_nodes=args.mlp_nodes,
         attn_nodes=args.attn_nodes,
-    )
+        groups=tuple(Group) if groups is None else tuple(groups),
+        node_types=parse_choices(args.node_types, "--node-types", NodeType),
+        sort=None if sort is None else sort[0],
+        **second,
+    ).checked()
+
+
+def run_nodes(args: argparse.Namespace) -> None:
+    request = nodes_request(args)
+
+    from tdb.checkpoint import load_model  # imported late: --help and bad flags answer at once
+    from tdb.table import run_request
+
+    loaded = load_model(args.model)
+    table = run_request(loaded, request)
     if args.json:
         json.dump(table.to_json(), sys.stdout)
         sys.stdout.write("\n")

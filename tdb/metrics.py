@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tdb.nodes import INDEX, KEY_TOKEN, LAYER, TOKEN, NodeType
+from tdb.nodes import NODE_SPECS, NodeType
 
 
 class Group(StrEnum):
@@ -44,13 +44,8 @@ SIGNED_GROUPS = frozenset({Group.DIRECT_EFFECT, Group.ACT_TIMES_GRAD})
 NEEDS_GRADIENT = frozenset({Group.ACT_TIMES_GRAD})
 NEEDS_VALUES = frozenset({Group.WRITE_NORM, Group.DIRECT_EFFECT})  # attention values v
 
-# Which node coordinate each grid axis holds, per node type.
-GRID_AXES: dict[NodeType, tuple[int, ...]] = {
-    NodeType.EMBEDDING: (TOKEN,),
-    NodeType.ATTENTION_HEAD: (LAYER, INDEX, TOKEN, KEY_TOKEN),
-    NodeType.MLP_NEURON: (LAYER, TOKEN, INDEX),
-    NodeType.AUTOENCODER_LATENT: (LAYER, TOKEN, INDEX),  # per SAE; stored as a list of nodes
-}
+# Which node coordinate each grid axis holds, per node type (from the node types' specs).
+GRID_AXES: dict[NodeType, tuple[int, ...]] = {t: spec.grid_axes for t, spec in NODE_SPECS.items()}
 
 
 @dataclass(frozen=True)

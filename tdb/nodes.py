@@ -11,7 +11,7 @@ am1.42@5     latent 42 of the sparse autoencoder on layer 1's MLP output, at tok
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -80,15 +80,7 @@ class NodeIndex:
 
     @property
     def id(self) -> str:
-        if self.node_type is NodeType.EMBEDDING:
-            return f"e@{self.token}"
-        if self.node_type is NodeType.ATTENTION_HEAD:
-            keys = "" if self.key_token is None else f":{self.key_token}"
-            return f"h{self.layer}.{self.index}@{self.token}{keys}"
-        if self.node_type is NodeType.MLP_NEURON:
-            return f"n{self.layer}.{self.index}@{self.token}"
-        assert self.site is not None
-        return f"a{self.site.code}{self.layer}.{self.index}@{self.token}"
+        return NODE_SPECS[self.node_type].format_id(self)
 
     def coords(self) -> tuple[int, int, int, int, int]:
         return (
@@ -153,34 +145,131 @@ def coords_tensor(nodes: list[NodeIndex]) -> Tensor:
     return torch.tensor([n.coords() for n in nodes], dtype=torch.long).reshape(-1, 5)
 
 
-_ID_PATTERNS = {
-    NodeType.EMBEDDING: re.compile(r"e@(\d+)"),
-    NodeType.ATTENTION_HEAD: re.compile(r"h(\d+)\.(\d+)@(\d+)(?::(\d+))?"),
-    NodeType.MLP_NEURON: re.compile(r"n(\d+)\.(\d+)@(\d+)"),
-    NodeType.AUTOENCODER_LATENT: re.compile(r"a([apm])(\d+)\.(\d+)@(\d+)"),
+@dataclass(frozen=True)
+class NodeSpec:
+    """Everything that is particular to one node type, in one place: its id grammar, its grid
+    (how the store lays out one layer's values), how a person reads it, where its activation
+    lives in the forward pass (which is where an ablation replaces it) and whether it is a
+    component with a page of dataset examples. Metrics are per (node type, metric) in
+    `tdb.metrics.METRICS`; write vectors per node type in `tdb.token_views.WRITE_VECTORS`."""
+
+    node_type: NodeType
+    grammar: str  # the id grammar, as error messages show it
+    pattern: re.Pattern[str]  # the id grammar, as a regex
+    from_match: Callable[[re.Match[str]], NodeIndex]
+    format_id: Callable[[NodeIndex], str]
+    grid_axes: tuple[int, ...]  # which node coordinate each axis of one layer's grid holds
+    label: Callable[[NodeIndex, Callable[[int], str]], str]  # (node, token name) -> text
+    has_component: bool  # a component (neuron, head, latent) with a page of dataset examples
+
+
+def _embedding_id(node: NodeIndex) -> str:
+    return f"e@{node.token}"
+
+
+def _head_id(node: NodeIndex) -> str:
+    keys = "" if node.key_token is None else f":{node.key_token}"
+    return f"h{node.layer}.{node.index}@{node.token}{keys}"
+
+
+def _neuron_id(node: NodeIndex) -> str:
+    return f"n{node.layer}.{node.index}@{node.token}"
+
+
+def _latent_id(node: NodeIndex) -> str:
+    assert node.site is not None
+    return f"a{node.site.code}{node.layer}.{node.index}@{node.token}"
+
+
+def _head_label(node: NodeIndex, tok: Callable[[int], str]) -> str:
+    keys = "all keys" if node.key_token is None else tok(node.key_token)
+    return f"L{node.layer} head {node.index} {tok(node.token)} <- {keys}"
+
+
+def _latent_label(node: NodeIndex, tok: Callable[[int], str]) -> str:
+    site = "" if node.site is None else f"{node.site.value} "
+    return f"L{node.layer} {site}latent {node.index} {tok(node.token)}"
+
+
+NODE_SPECS: dict[NodeType, NodeSpec] = {
+    NodeType.EMBEDDING: NodeSpec(
+        NodeType.EMBEDDING,
+        grammar="e@<token>",
+        pattern=re.compile(r"e@(\d+)"),
+        from_match=lambda m: NodeIndex(NodeType.EMBEDDING, None, int(m[1]), 0),
+        format_id=_embedding_id,
+        grid_axes=(TOKEN,),
+        label=lambda node, tok: f"embedding {tok(node.token)}",
+        has_component=False,
+    ),
+    NodeType.ATTENTION_HEAD: NodeSpec(
+        NodeType.ATTENTION_HEAD,
+        grammar="h<layer>.<head>@<query>:<key> (or h<layer>.<head>@<query> for all keys)",
+        pattern=re.compile(r"h(\d+)\.(\d+)@(\d+)(?::(\d+))?"),
+        from_match=lambda m: NodeIndex(
+            NodeType.ATTENTION_HEAD,
+            int(m[1]),
+            int(m[3]),
+            int(m[2]),
+            key_token=None if m[4] is None else int(m[4]),
+        ),
+        format_id=_head_id,
+        grid_axes=(LAYER, INDEX, TOKEN, KEY_TOKEN),
+        label=_head_label,
+        has_component=True,
+    ),
+    NodeType.MLP_NEURON: NodeSpec(
+        NodeType.MLP_NEURON,
+        grammar="n<layer>.<neuron>@<token>",
+        pattern=re.compile(r"n(\d+)\.(\d+)@(\d+)"),
+        from_match=lambda m: NodeIndex(NodeType.MLP_NEURON, int(m[1]), int(m[3]), int(m[2])),
+        format_id=_neuron_id,
+        grid_axes=(LAYER, TOKEN, INDEX),
+        label=lambda node, tok: f"L{node.layer} neuron {node.index} {tok(node.token)}",
+        has_component=True,
+    ),
+    NodeType.AUTOENCODER_LATENT: NodeSpec(
+        NodeType.AUTOENCODER_LATENT,
+        grammar="a<a|p|m><layer>.<latent>@<token> (autoencoder latent on the attention output, "
+        "the MLP post-activation or the MLP output)",
+        pattern=re.compile(r"a([apm])(\d+)\.(\d+)@(\d+)"),
+        from_match=lambda m: NodeIndex(
+            NodeType.AUTOENCODER_LATENT,
+            int(m[2]),
+            int(m[4]),
+            int(m[3]),
+            site=next(s for s in SITES if s.code == m[1]),
+        ),
+        format_id=_latent_id,
+        grid_axes=(LAYER, TOKEN, INDEX),  # per SAE; the store keeps latents as a list of nodes
+        label=_latent_label,
+        has_component=True,
+    ),
 }
 
 
 def parse_node_id(text: str) -> NodeIndex:
     """The node of a short id: `parse_node_id("h2.3@7:4")`."""
-    for node_type, pattern in _ID_PATTERNS.items():
-        match = pattern.fullmatch(text.strip())
-        if match is None:
-            continue
-        nums = [int(g) for g in match.groups() if g is not None and g.isdigit()]
-        if node_type is NodeType.AUTOENCODER_LATENT:
-            site = next(s for s in SITES if s.code == match.group(1))
-            nums = [int(g) for g in match.groups()[1:]]
-            return NodeIndex(node_type, nums[0], nums[2], nums[1], site=site)
-        if node_type is NodeType.EMBEDDING:
-            return NodeIndex(node_type, None, nums[0], 0)
-        if node_type is NodeType.ATTENTION_HEAD:
-            key = nums[3] if len(nums) == 4 else None
-            return NodeIndex(node_type, nums[0], nums[2], nums[1], key_token=key)
-        return NodeIndex(node_type, nums[0], nums[2], nums[1])
-    raise TdbError(
-        f"node id {text!r} is not one of: n<layer>.<neuron>@<token>, "
-        "h<layer>.<head>@<query>:<key> (or h<layer>.<head>@<query> for all keys), e@<token>, "
-        "a<a|p|m><layer>.<latent>@<token> (autoencoder latent on the attention output, the MLP "
-        "post-activation or the MLP output)"
-    )
+    for spec in NODE_SPECS.values():
+        match = spec.pattern.fullmatch(text.strip())
+        if match is not None:
+            return spec.from_match(match)
+    grammars = ", ".join(spec.grammar for spec in NODE_SPECS.values())
+    raise TdbError(f"node id {text!r} is not one of: {grammars}")
+
+
+def node_label(node: NodeIndex, token_texts: Sequence[str]) -> str:
+    """A name a person reads: `L2 head 3 ' to'@7 <- ' Mary'@4`."""
+
+    def tok(i: int) -> str:
+        return f"{token_texts[i]!r}@{i}"
+
+    return NODE_SPECS[node.node_type].label(node, tok)
+
+
+def component_link(node: NodeIndex) -> str | None:
+    """Where the component's page of dataset examples lives (`tdb serve --scan`), or None."""
+    if not NODE_SPECS[node.node_type].has_component:
+        return None
+    link = f"/component/{node.node_type.value}/{node.layer}/{node.index}"
+    return link if node.site is None else f"{link}?site={node.site.value}"

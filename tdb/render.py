@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tdb.table import NodeTable
+from tdb.table import NodeTable, Verification
 
 
 def describe_direction(table: NodeTable) -> str:
@@ -34,8 +34,11 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
     tokens = " ".join(f"[dim]{i}[/dim]{t!r}" for i, t in enumerate(table.token_texts))
     console.print(f"[bold]model[/bold] {model_name}   [bold]prompt[/bold] {tokens}")
     value = f"[bold]{table.direction_value:.4f}[/bold]"
-    for name, other in table.direction_extra.items():
-        if isinstance(other, float):
+    for name, other in [
+        ("baseline_value", table.baseline_value),
+        ("right_value", table.right_value),
+    ]:
+        if other is not None:
             value += f"   {name} {other:.4f}"
     console.print(f"[bold]direction[/bold] {describe_direction(table)} = {value}")
     grid = Table(header_style="bold")
@@ -54,31 +57,25 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
         f"[dim]{len(table.nodes)} nodes: per metric and node type the top {table.k} "
         "(and bottom for direct_effect, act_times_grad); union in first-seen order[/dim]"
     )
-    if "verification" in table.extra:
-        print_verification(table.extra, console)
-    views = table.extra.get("token_views")
-    if isinstance(views, dict):
-        print_token_views(views, table.token_texts, console)
+    if table.verification is not None:
+        print_verification(table.verification, console)
+    if table.token_views is not None:
+        print_token_views(table.token_views.to_json(), table.token_texts, console)
 
 
-def print_verification(extra: dict[str, Any], console: Console) -> None:
+def print_verification(verification: Verification, console: Console) -> None:
     grid = Table(title="estimate vs truth (zero-ablating each node alone)", header_style="bold")
     for column in ("id", "estimated (act x grad)", "direct", "actual", ""):
         grid.add_column(column, justify="right")
-    for row in extra["verification"]:
-        flag = "[red]sign differs[/red]" if row["sign_disagrees"] else ""
+    for row in verification.rows:
+        flag = "[red]sign differs[/red]" if row.sign_disagrees else ""
         grid.add_row(
-            row["id"],
-            f"{row['estimated']:.4f}",
-            f"{row['direct']:.4f}",
-            f"{row['actual']:.4f}",
-            flag,
+            row.node.id, f"{row.estimated:.4f}", f"{row.direct:.4f}", f"{row.actual:.4f}", flag
         )
     console.print(grid)
-    summary = extra["verification_summary"]
     console.print(
-        f"correlation with actual: estimated {summary['correlation_estimated_actual']:.3f}, "
-        f"direct {summary['correlation_direct_actual']:.3f}"
+        f"correlation with actual: estimated {verification.correlation_estimated_actual:.3f}, "
+        f"direct {verification.correlation_direct_actual:.3f}"
     )
 
 
@@ -102,7 +99,7 @@ def print_token_views(views: dict[str, Any], token_texts: list[str], console: Co
         promotes = ", ".join(repr(t["text"]) for t in node["promotes"])
         suppresses = ", ".join(repr(t["text"]) for t in node["suppresses"])
         console.print(f"[bold]{node['id']}[/bold] promotes {promotes}; suppresses {suppresses}")
-        if "exciting_tokens" in node:
+        if node.get("exciting_tokens") is not None:
             excites = ", ".join(
                 f"{t['text']!r}@{t['token']} {t['value']:.2f}" for t in node["exciting_tokens"]
             )

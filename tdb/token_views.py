@@ -108,6 +108,7 @@ def node_view(
         "id": node.id,
         "promotes": ranked_tokens(scores, tokenizer, n, largest=True),
         "suppresses": ranked_tokens(scores, tokenizer, n, largest=False),
+        "exciting_tokens": None,
     }
     if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
         site = Ablation(node).site

@@ -5,6 +5,7 @@ Without tokenizer files a model still works on token ids; token text is then sho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,22 @@ class Tokenizer:
         if not 0 <= token_id < self.d_vocab:
             raise TdbError(f"{what} {token_id} is outside the vocabulary (0..{self.d_vocab - 1})")
         return token_id
+
+    def prompt_ids(
+        self, prompt: str | Sequence[int], n_ctx: int, what: str = "the prompt"
+    ) -> list[int]:
+        """A prompt's token ids (text is encoded, ids are checked), non-empty and within `n_ctx`.
+
+        >>> tokenizer.prompt_ids("When Mary and John", n_ctx=128)
+        """
+        if isinstance(prompt, str):
+            if not prompt:
+                raise TdbError(f"{what} is empty: give some text (or token ids)")
+            tokens = self.encode(prompt)
+        else:
+            tokens = [self.check_id(int(t), "token id") for t in prompt]
+        if not tokens:
+            raise TdbError(f"{what} has no tokens")
+        if len(tokens) > n_ctx:
+            raise TdbError(f"{what} is {len(tokens)} tokens, longer than the model's {n_ctx}")
+        return tokens

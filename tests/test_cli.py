@@ -56,7 +56,12 @@ def test_json_schema(checkpoint_dir: Path, capsys: pytest.CaptureFixture[str]) -
     for node in nodes:
         types.add(node["node_type"])
         assert set(node) >= {"id", "node_type", "layer", "token", "index", *out["groups"]}  # type: ignore[misc]
-        assert ("key_token" in node) == (node["node_type"] == "attention_head")
+        # Every field of every row, always (key_token and site are null where they don't apply;
+        # until the one-request change, tdb nodes --json left them out there).
+        assert set(node) >= {"key_token", "site", "name", "component", "values"}
+        assert (node["key_token"] is not None) == (node["node_type"] == "attention_head")
+        assert node["site"] is None  # no SAE latents in this table
+        assert node["values"] == {g: node[g] for g in out["groups"]}
         if node["node_type"] == "attention_head":
             assert node["key_token"] <= node["token"]
         if node["node_type"] == "embedding":

@@ -79,7 +79,7 @@ def test_zero_ablation_changes_the_direction_as_the_naive_model_says(
     expected = naive_run(hf, TOKENS, LAST, T, D, edit=edit)  # type: ignore[arg-type]
     baseline = naive_run(hf, TOKENS, LAST, T, D)
     assert table.direction_value == pytest.approx(expected.value, abs=1e-5)
-    assert table.direction_extra["baseline_value"] == pytest.approx(baseline.value, abs=1e-5)
+    assert table.baseline_value == pytest.approx(baseline.value, abs=1e-5)
     # Per metric: ablated, baseline and their difference, at every node of the table.
     baseline_store = capture(
         loaded.model, torch.tensor(TOKENS), LogitDiff((T,), (D,), LAST), ALL_GROUPS
@@ -287,7 +287,7 @@ def test_two_prompts_side_by_side(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> 
     table = node_table(loaded, TOKENS, T, D, k=3, second_prompt=SECOND)
     left = capture(loaded.model, torch.tensor(TOKENS), LogitDiff((T,), (D,), LAST), ALL_GROUPS)
     right = capture(loaded.model, torch.tensor(SECOND), LogitDiff((T,), (D,), LAST), ALL_GROUPS)
-    assert table.direction_extra["right_value"] == pytest.approx(right.direction_value)
+    assert table.right_value == pytest.approx(right.direction_value)
     for g in ALL_GROUPS:
         assert table.values[g] == pytest.approx(left.store.values_at(g, table.nodes).tolist())
         r = right.store.values_at(g, table.nodes).tolist()
@@ -302,7 +302,8 @@ def test_two_prompts_side_by_side(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> 
 def test_verify_reports_real_ablation_effects(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> None:
     hf, loaded = pair
     table = node_table(loaded, TOKENS, T, D, k=5, verify=4)
-    rows = table.extra["verification"]
+    doc = table.to_json()
+    rows = doc["verification"]
     assert isinstance(rows, list) and len(rows) == 4
     estimates = [abs(r["estimated"]) for r in rows]
     assert estimates == sorted(estimates, reverse=True)
@@ -314,14 +315,14 @@ def test_verify_reports_real_ablation_effects(pair: tuple[GPT2LMHeadModel, Loade
         assert row["direct"] == pytest.approx(table.values[Group.DIRECT_EFFECT][i])
         ablated = node_table(loaded, TOKENS, T, D, k=1, ablate=[row["id"]]).direction_value
         assert row["actual"] == pytest.approx(baseline - ablated, abs=1e-5)
-    summary = table.extra["verification_summary"]
+    summary = doc["verification_summary"]
     assert isinstance(summary, dict) and -1 <= summary["correlation_estimated_actual"] <= 1
 
 
 def test_token_views(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> None:
     hf, loaded = pair
-    table = node_table(loaded, TOKENS, T, D, k=2, views=["n1.7@4", "h2.1@9:3"])
-    views = table.extra["token_views"]
+    table = node_table(loaded, TOKENS, T, D, k=2, view_nodes=["n1.7@4", "h2.1@9:3"])
+    views = table.to_json()["token_views"]
     assert isinstance(views, dict)
     with torch.no_grad():
         logits = hf(torch.tensor([TOKENS])).logits[0, LAST]

@@ -267,9 +267,10 @@ def test_latent_ablation_matches_the_naive_model(
 
     expected = naive_run(hf, TOKENS, LAST, T, D, edit=edit)
     node_id = f"a{site.code}1.{latent}@{token}:{kind}"
-    table = node_table(loaded, TOKENS, T, D, k=3, ablate=[node_id], saes=saes, second_prompt=SECOND)
+    source = {"resample_prompt": SECOND} if kind == "resample" else {}
+    table = node_table(loaded, TOKENS, T, D, k=3, ablate=[node_id], saes=saes, **source)
     assert table.direction_value == pytest.approx(expected.value, abs=1e-4)
-    assert table.direction_extra["baseline_value"] == pytest.approx(base.value, abs=1e-5)
+    assert table.baseline_value == pytest.approx(base.value, abs=1e-5)
     assert abs(expected.value - base.value) > 1e-4  # the ablation did something
 
 
@@ -350,7 +351,7 @@ def test_node_table_latents_instead_of_neurons_and_heads(
         latent_row["token"],
     )
     # Verification zero-ablates latents for real: estimate and truth come back per node.
-    assert len(table.extra["verification"]) == 3  # type: ignore[arg-type]
+    assert table.verification is not None and len(table.verification.rows) == 3
     both = node_table(loaded, TOKENS, T, D, k=4, saes=saes)  # latents next to neurons and heads
     assert {n.node_type for n in both.nodes} == set(NodeType)
     with pytest.raises(TdbError, match="need an SAE"):

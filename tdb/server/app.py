@@ -108,6 +108,8 @@ FLAG_FIELDS = {
     "--target-id": "target",
     "--distractor-id": "distractor",
     "--second-prompt": "second_prompt",
+    "--compare-prompt": "compare_prompt",
+    "--resample-prompt": "resample_prompt",
     "--mean-prompt": "mean_prompts",
     "--view-node": "view_nodes",
     "-k": "k",

@@ -29,7 +29,7 @@ from tdb.server.schemas import (
     ViewsRequest,
     ViewsResponse,
 )
-from tdb.server.service import only_node_types, tokenize
+from tdb.server.service import select_rows, tokenize
 from tdb.server.state import State
 from tdb.server.worker import QueueFullError
 
@@ -80,9 +80,9 @@ async def tokenize_route(request: TokenizeRequest, state: State) -> TokenizeResp
 async def nodes_route(request: NodeTableRequest, state: State) -> Response:
     """The node table: ranked nodes with every metric, under ablations, traces, two prompts."""
     body, cached = await state.node_table(request)
-    if request.node_types is not None:
+    if request.node_types is not None or request.sort is not None:
         table = NodeTableResponse.model_validate_json(body)
-        body = only_node_types(table, request.node_types).model_dump_json().encode()
+        body = select_rows(table, request.node_types, request.sort).model_dump_json().encode()
     return json_response(body, cached)
 
 
@@ -108,7 +108,7 @@ async def batch_route(request: BatchRequest, state: State) -> BatchResponse:
                 table = NodeTableResponse.model_validate_json(
                     (await state.node_table(item.request))[0]
                 )
-                body = only_node_types(table, item.request.node_types)
+                body = select_rows(table, item.request.node_types, item.request.sort)
             results.append(BatchResult(status=200, body=body))
         except TdbError as e:
             results.append(BatchResult(status=400, error=ErrorResponse(error=str(e))))

@@ -61,8 +61,15 @@ class PromptRequest(Strict):
     ablate: Annotated[list[NodeId], Field(max_length=MAX_LIST)] = Field(
         default_factory=list, description="node ids, optionally :zero, :mean or :resample"
     )
+    compare_prompt: Prompt | None = Field(
+        default=None, description="a second prompt (same token count) shown side by side"
+    )
+    resample_prompt: Prompt | None = Field(
+        default=None, description="the source of :resample ablations (same token count)"
+    )
     second_prompt: Prompt | None = Field(
-        default=None, description="source of :resample ablations; otherwise compared side by side"
+        default=None,
+        description="older name: resample_prompt with :resample ablations, else compare_prompt",
     )
     mean_prompts: Annotated[list[Prompt], Field(max_length=8)] = Field(
         default_factory=list, description="reference prompts for :mean ablations"
@@ -87,6 +94,15 @@ class NodeTableRequest(PromptRequest):
         description="show only these node types (display only: the cached result is reused)",
     )
     verify: int = Field(default=0, ge=0, le=MAX_VERIFY, description="zero-ablate the top N nodes")
+    sort: GroupName | None = Field(
+        default=None,
+        description="order rows by this metric, largest first (signed metrics by magnitude); "
+        "display only, like node_types",
+    )
+    views: bool = Field(default=False, description="add token views (`token_views`)")
+    view_nodes: Annotated[list[NodeId], Field(max_length=MAX_LIST)] = Field(
+        default_factory=list, description="nodes whose promoted / suppressed tokens to show"
+    )
 
 
 class ViewsRequest(PromptRequest):
@@ -138,11 +154,19 @@ class Direction(BaseModel):
 
 
 class NodeRow(BaseModel):
+    """One node. Each column's value is under `values` and also a field of its own (as
+    `tdb nodes --json` has always had them), so the row holds more fields than listed here."""
+
+    model_config = ConfigDict(extra="allow")
+
     id: str = Field(examples=["h2.3@13:1"])
     node_type: NodeType
     layer: int | None
     token: int
     key_token: int | None = Field(description="the key token of an attention head (else null)")
+    site: str | None = Field(
+        default=None, description="which activation an SAE latent's autoencoder reads (else null)"
+    )
     index: int
     name: str
     component: str | None = Field(
@@ -151,20 +175,6 @@ class NodeRow(BaseModel):
     values: dict[str, float | None] = Field(
         description="one entry per column (`columns`); null where the value is undefined"
     )
-
-
-class NodeTableResponse(BaseModel):
-    tokens: list[TokenOut]
-    right_tokens: list[TokenOut] | None = None
-    direction: Direction
-    k: int
-    groups: list[Group]
-    columns: list[str] = Field(
-        description="metric columns, e.g. act_times_grad, act_times_grad_baseline, _diff, _right"
-    )
-    nodes: list[NodeRow]
-    verification: list[dict[str, object]] | None = None
-    verification_summary: dict[str, object] | None = None
 
 
 class RankedToken(BaseModel):
@@ -194,6 +204,32 @@ class NodeView(BaseModel):
     promotes: list[RankedToken]
     suppresses: list[RankedToken]
     exciting_tokens: list[ExcitingToken] | None = None
+
+
+class TokenViews(BaseModel):
+    logits: LogitView
+    effect_by_token: dict[str, list[float | None]] = Field(
+        description="per prompt token, sums of act_times_grad: embedding, mlp, "
+        "attention_from (by query token), attention_to (by key token)"
+    )
+    nodes: list[NodeView]
+
+
+class NodeTableResponse(BaseModel):
+    tokens: list[TokenOut]
+    right_tokens: list[TokenOut] | None = None
+    direction: Direction
+    k: int
+    groups: list[Group]
+    columns: list[str] = Field(
+        description="metric columns, e.g. act_times_grad, act_times_grad_baseline, _diff, _right"
+    )
+    nodes: list[NodeRow]
+    verification: list[dict[str, object]] | None = None
+    verification_summary: dict[str, object] | None = None
+    token_views: TokenViews | None = Field(
+        default=None, description="with `views` or `view_nodes`: as the views route's fields"
+    )
 
 
 class ViewsResponse(BaseModel):

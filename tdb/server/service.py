@@ -1,5 +1,5 @@
 """The model work behind each route: API requests in, response schemas out, through the same
-`tdb.table.node_table` the CLI uses (no metric is computed here).
+`tdb.table.run_request` the CLI uses, on the same `NodeRequest` (no metric is computed here).
 
 >>> node_table_response(load_model(), NodeTableRequest(prompt="...", target=" Mary",
 ...                     distractor=" John"), max_prompt_tokens=512)
@@ -9,40 +9,23 @@ These functions block (they run the model); the app calls them on its worker thr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
-from tdb.metrics import ALL_GROUPS, Group
-from tdb.nodes import NodeIndex, NodeType
+from tdb.metrics import SIGNED_GROUPS, Group
+from tdb.nodes import NodeType
 from tdb.server.schemas import (
-    Direction,
-    LogitView,
-    NodeRow,
     NodeTableRequest,
     NodeTableResponse,
-    NodeView,
     PromptRequest,
     TokenizeResponse,
     TokenOut,
     ViewsRequest,
     ViewsResponse,
 )
-from tdb.table import NodeTable, node_table, resolve_tokens
-
-Json = object
-
-
-def finite(value: Json) -> Json:
-    """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+from tdb.table import NodeRequest, run_request, second_prompt_fields
+from tdb.table.result import row_order
 
 
 def tokenize(loaded: LoadedModel, text: str) -> TokenizeResponse:
@@ -57,7 +40,7 @@ def prompt_tokens(
     loaded: LoadedModel, prompt: str | Sequence[int], max_prompt_tokens: int, what: str
 ) -> list[int]:
     """The prompt's token ids, within the model's context and this server's limit."""
-    tokens = resolve_tokens(loaded.tokenizer, prompt, loaded.model.config.n_ctx)
+    tokens = loaded.tokenizer.prompt_ids(prompt, loaded.model.config.n_ctx, what)
     if len(tokens) > max_prompt_tokens:
         raise TdbError(
             f"{what} is {len(tokens)} tokens; this server takes at most {max_prompt_tokens} "
@@ -66,129 +49,71 @@ def prompt_tokens(
     return tokens
 
 
-def run_table(
-    loaded: LoadedModel,
-    request: PromptRequest,
-    max_prompt_tokens: int,
-    *,
-    k: int,
-    groups: Sequence[Group] = ALL_GROUPS,
-    verify: int = 0,
-    views: Sequence[str] | bool = False,
-) -> NodeTable:
-    """`node_table` on an API request, every prompt checked against the server's limit."""
-    tokens = prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt")
-    second = (
-        None
-        if request.second_prompt is None
-        else prompt_tokens(loaded, request.second_prompt, max_prompt_tokens, "the second prompt")
-    )
-    means = [
-        prompt_tokens(loaded, p, max_prompt_tokens, "a mean prompt") for p in request.mean_prompts
-    ]
-    if len(set(groups)) != len(groups):
-        raise TdbError("groups: each metric may appear once")
-    return node_table(
-        loaded,
-        tokens,
-        request.target,
-        request.distractor,
-        k=k,
-        position=request.position,
+def node_request(
+    loaded: LoadedModel, request: PromptRequest, max_prompt_tokens: int, **fields: object
+) -> NodeRequest:
+    """The `NodeRequest` an API request makes (the same type the CLI builds from argv), every
+    prompt tokenized and checked against the server's limit. `fields`: k, groups, views, ..."""
+
+    def ids(prompt: str | Sequence[int] | None, what: str) -> list[int] | None:
+        return None if prompt is None else prompt_tokens(loaded, prompt, max_prompt_tokens, what)
+
+    if request.second_prompt is not None and (request.compare_prompt or request.resample_prompt):
+        raise TdbError("give second_prompt or compare_prompt / resample_prompt, not both")
+    second: dict[str, object] = {
+        "compare_prompt": ids(request.compare_prompt, "the compare prompt"),
+        "resample_prompt": ids(request.resample_prompt, "the resample prompt"),
+    }
+    second |= second_prompt_fields(ids(request.second_prompt, "the second prompt"), request.ablate)
+    return NodeRequest(
+        prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt"),
+        target=request.target,
+        distractor=request.distractor,
         logprob=request.logprob,
+        position=request.position,
         trace=request.trace,
         downstream=request.downstream,
-        ablate=request.ablate,
-        second_prompt=second,
-        mean_prompts=means,
-        verify=verify,
-        views=views,
-        groups=groups,
+        ablate=tuple(request.ablate),
+        mean_prompts=tuple(ids(p, "a mean prompt") or [] for p in request.mean_prompts),
         mlp_nodes=request.mlp_nodes,
         attn_nodes=request.attn_nodes,
-    )
-
-
-def component_link(node: NodeIndex) -> str | None:
-    """Where the component's page lives (served by the corpus scan's router, when present)."""
-    if node.node_type is NodeType.EMBEDDING:
-        return None
-    link = f"/component/{node.node_type.value}/{node.layer}/{node.index}"
-    return link if node.site is None else f"{link}?site={node.site.value}"
-
-
-def finite_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def node_rows(table: NodeTable) -> tuple[list[str], list[NodeRow]]:
-    """The table's column names (metrics, then e.g. `_baseline`, `_diff`) and its rows."""
-    columns = {g.value: table.values[g] for g in table.groups} | table.columns
-    rows = [
-        NodeRow(
-            id=node.id,
-            node_type=node.node_type,
-            layer=node.layer,
-            token=node.token,
-            key_token=node.key_token,
-            index=node.index,
-            name=table.node_name(node),
-            component=component_link(node),
-            values={name: finite_float(values[i]) for name, values in columns.items()},
-        )
-        for i, node in enumerate(table.nodes)
-    ]
-    return list(columns), rows
-
-
-def tokens_out(ids: Sequence[int], texts: Sequence[str]) -> list[TokenOut]:
-    return [TokenOut(id=i, text=t) for i, t in zip(ids, texts, strict=True)]
-
-
-def direction_out(table: NodeTable) -> Direction:
-    direction = table.to_json()["direction"]
-    return Direction.model_validate(finite(direction))
+        **(second | fields),  # type: ignore[arg-type]
+    ).checked()
 
 
 def node_table_response(
     loaded: LoadedModel, request: NodeTableRequest, max_prompt_tokens: int
 ) -> NodeTableResponse:
-    """The node table of a request: rows with every column's value, and the direction's value."""
-    table = run_table(
+    """The node table of a request (every node type, in top-k order: `select_rows` filters
+    and sorts it for display, so the cached result serves every filter)."""
+    table = run_request(
         loaded,
-        request,
-        max_prompt_tokens,
-        k=request.k,
-        groups=request.groups,
-        verify=request.verify,
+        node_request(
+            loaded,
+            request,
+            max_prompt_tokens,
+            k=request.k,
+            groups=tuple(request.groups),
+            verify=request.verify,
+            views=request.views,
+            view_nodes=tuple(request.view_nodes),
+        ),
     )
-    columns, rows = node_rows(table)
-    extra = {
-        k: table.extra.get(k) for k in ("right_tokens", "verification", "verification_summary")
-    }
-    return NodeTableResponse.model_validate(
-        {
-            "tokens": tokens_out(table.tokens, table.token_texts),
-            "direction": direction_out(table),
-            "k": table.k,
-            "groups": table.groups,
-            "columns": columns,
-            "nodes": rows,
-        }
-        | extra
-    )
+    return NodeTableResponse.model_validate(table.to_json())
 
 
-def only_node_types(
-    response: NodeTableResponse, node_types: Sequence[NodeType] | None
+def select_rows(
+    response: NodeTableResponse, node_types: Sequence[NodeType] | None, sort: Group | None
 ) -> NodeTableResponse:
-    """The table with only the rows of `node_types`. The same as asking for those node types
-    alone: the top k is taken per node type, so other types never change a type's rows."""
-    if node_types is None:
+    """The table with only the rows of `node_types`, ordered by `sort`: the same as asking for
+    them in the request (`NodeTable.select`). The top k is taken per node type, so other types
+    never change a type's rows."""
+    if node_types is None and sort is None:
         return response
-    keep = set(node_types)
-    nodes = [n for n in response.nodes if n.node_type in keep]
-    return response.model_copy(update={"nodes": nodes})
+    nodes = response.nodes
+    values = None if sort is None else [n.values.get(sort.value) for n in nodes]
+    order = row_order([n.node_type for n in nodes], values, node_types, sort in SIGNED_GROUPS)
+    return response.model_copy(update={"nodes": [nodes[i] for i in order]})
 
 
 def views_response(
@@ -197,14 +122,10 @@ def views_response(
     """Token views: next-token logits (target and distractor pinned), per-token act × grad sums,
     and each requested node's promoted and suppressed tokens."""
     # k=0: the table's rows are not needed, only the capture behind them.
-    views: list[str] | bool = list(request.view_nodes) or True
-    table = run_table(loaded, request, max_prompt_tokens, k=0, views=views)
-    out = finite(table.extra["token_views"])
-    assert isinstance(out, dict)
-    return ViewsResponse(
-        tokens=tokens_out(table.tokens, table.token_texts),
-        direction=direction_out(table),
-        logits=LogitView.model_validate(out["logits"]),
-        effect_by_token=out["effect_by_token"],
-        nodes=[NodeView.model_validate(v) for v in out["nodes"]],
+    fields = {"k": 0, "views": True, "view_nodes": tuple(request.view_nodes)}
+    doc = run_request(loaded, node_request(loaded, request, max_prompt_tokens, **fields)).to_json()
+    views = doc["token_views"]
+    assert isinstance(views, dict)
+    return ViewsResponse.model_validate(
+        {"tokens": doc["tokens"], "direction": doc["direction"]} | views
     )

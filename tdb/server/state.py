@@ -25,9 +25,9 @@ class ServerState:
     cache: ResultCache
 
     async def node_table(self, request: NodeTableRequest) -> tuple[bytes, bool]:
-        """The table's JSON (before the display-only node type filter), and whether it was
-        cached. The key is the whole request but that filter: the model is fixed per server."""
-        key = cache_key("nodes", request.model_dump_json(exclude={"node_types"}))
+        """The table's JSON (before the display-only node type filter and sort), and whether it was
+        cached. The key is the whole request but those: the model is fixed per server."""
+        key = cache_key("nodes", request.model_dump_json(exclude={"node_types", "sort"}))
 
         def job() -> bytes:
             response = node_table_response(self.loaded, request, self.max_prompt_tokens)

@@ -1,0 +1,199 @@
+"""How a request names its direction of interest: target / distractor tokens, log-prob, a
+residual-stream vector, or a node's pre-activation (a trace upstream).
+
+    >>> make_direction(loaded, tokens, " Mary", " John")                 # LogitDiff
+    >>> make_direction(loaded, tokens, None, None, trace="h1.2@9:3:q")     # AttentionLogit
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tdb.checkpoint import LoadedModel
+from tdb.direction.kinds import (
+    AttentionLogit,
+    Direction,
+    HeadValueWrite,
+    LatentPreActivation,
+    LogitDiff,
+    LogProb,
+    NeuronPreActivation,
+    ResidualDirection,
+)
+from tdb.errors import TdbError
+from tdb.hooks import HookPoint, Hooks, compose
+from tdb.latents import check_saes, latent_sizes
+from tdb.models.base import TransformerModel
+from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
+from tdb.sae import AttachedSae
+from tdb.tokens import Tokenizer
+
+TokenSpec = str | int
+TRACE_MODES = ("q", "k", "qk", "v")
+
+
+def resolve_token_list(
+    tokenizer: Tokenizer, spec: TokenSpec | Sequence[TokenSpec] | None, what: str
+) -> tuple[int, ...]:
+    if spec is None:
+        return ()
+    specs = [spec] if isinstance(spec, str | int) else list(spec)
+    return tuple(
+        tokenizer.single_token(s, what) if isinstance(s, str) else tokenizer.check_id(s, what)
+        for s in specs
+    )
+
+
+def load_vector(path: str | Path, d_model: int) -> Tensor:
+    """A residual-stream direction from .pt/.pth (torch), .npy (numpy) or text (numbers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TdbError(f"--vector: {path} is not a file")
+    try:
+        if path.suffix in {".pt", ".pth"}:
+            vector = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".npy":
+            import numpy as np
+
+            vector = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            vector = torch.tensor([float(x) for x in path.read_text().replace(",", " ").split()])
+    except (ValueError, RuntimeError, OSError) as e:
+        raise TdbError(f"--vector: cannot read {path}: {e}") from None
+    if not isinstance(vector, Tensor) or vector.shape != (d_model,):
+        shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+        raise TdbError(f"--vector: {path} must hold {d_model} numbers (d_model), got {shape}")
+    return vector.float()
+
+
+def parse_trace(text: str) -> tuple[NodeIndex, str | None]:
+    """`h1.2@9:3:q` -> (node, "q"); `n1.5@3` -> (node, None)."""
+    head, _, mode = text.rpartition(":")
+    if mode in TRACE_MODES and head:
+        return parse_node_id(head), mode
+    return parse_node_id(text), None
+
+
+def trace_direction(
+    model: TransformerModel,
+    tokens: list[int],
+    text: str,
+    downstream: Direction | None,
+    saes: Sequence[AttachedSae] = (),
+) -> Direction:
+    """The direction that makes a node's pre-activation the thing to explain."""
+    node, mode = parse_trace(text)
+    check_node(node, model.config, len(tokens), "--trace", latent_sizes(saes))
+    assert node.layer is not None or node.node_type is NodeType.EMBEDDING
+    if node.node_type is NodeType.AUTOENCODER_LATENT:
+        if mode is not None:
+            raise TdbError(f"--trace {text}: :{mode} applies to attention heads only")
+        assert node.layer is not None and node.site is not None
+        attached = check_saes(saes, model.config)[(node.site, node.layer)]
+        reads = model.block(node.layer).mlp_input
+        return LatentPreActivation(attached, node.token, node.index, reads)
+    if node.node_type is NodeType.MLP_NEURON:
+        if mode is not None:
+            raise TdbError(f"--trace {text}: :{mode} applies to attention heads only")
+        assert node.layer is not None
+        reads = model.block(node.layer).mlp_input
+        return NeuronPreActivation(node.layer, node.token, node.index, reads)
+    if node.node_type is not NodeType.ATTENTION_HEAD or node.key_token is None:
+        raise TdbError(
+            f"--trace {text}: trace an MLP neuron (n<layer>.<neuron>@<token>), an SAE latent "
+            "(a<a|p|m><layer>.<latent>@<token>) or an attention head at a (query, key) pair "
+            "(h<layer>.<head>@<query>:<key>[:q|:k|:qk|:v])"
+        )
+    assert node.layer is not None
+    if mode != "v":
+        through = "qk" if mode is None else mode
+        return AttentionLogit(node.layer, node.index, node.token, node.key_token, through)  # type: ignore[arg-type]
+    if downstream is None:
+        raise TdbError(f"--trace {text}: tracing through the value needs a downstream direction")
+    prob, grad = value_trace_inputs(model, tokens, node, downstream)
+    name = downstream.to_json().get("node", downstream.kind)
+    return HeadValueWrite(node.layer, node.index, node.token, node.key_token, prob, grad, str(name))
+
+
+def value_trace_inputs(
+    model: TransformerModel, tokens: list[int], node: NodeIndex, downstream: Direction
+) -> tuple[float, Tensor]:
+    """The head's probability at (query, key), and d(downstream)/d(residual stream at the query
+    right after the head's layer), from one forward and one backward pass."""
+    assert node.layer is not None and node.key_token is not None
+    layer = node.layer
+    if downstream.read_point.upstream_layers(model.config.n_layer, True) <= layer:
+        raise TdbError(f"--downstream must read the residual stream after layer {layer}")
+    saved: dict[str, Tensor] = {}
+
+    def keep(name: str, at_layer: int | None = None) -> Callable[[Tensor, int | None], None]:
+        def hook(x: Tensor, hook_layer: int | None) -> None:
+            if hook_layer == at_layer:
+                saved[name] = x
+
+        return hook
+
+    def leaf(x: Tensor, _: int | None) -> Tensor:
+        return x.detach().requires_grad_(True)
+
+    hooks = Hooks(
+        {
+            HookPoint.RESID_EMBED: leaf,
+            HookPoint.RESID_MID: keep("mid", layer),
+            HookPoint.ATTN_PROBS: keep("probs", layer),
+        }
+    )
+    point = downstream.read_point
+    hooks = compose(hooks, Hooks({point.hook: keep("read", point.layer)}))
+    with torch.enable_grad():
+        model(torch.tensor([tokens]), hooks, logit_positions=torch.tensor([len(tokens) - 1]))
+        value = downstream.read(model, saved["read"][0])
+        (grad,) = torch.autograd.grad(value, saved["mid"])
+    prob = float(saved["probs"][0, node.index, node.token, node.key_token].detach())
+    return prob, grad[0, node.token].detach()
+
+
+def make_direction(
+    loaded: LoadedModel,
+    tokens: list[int],
+    target: TokenSpec | Sequence[TokenSpec] | None,
+    distractor: TokenSpec | Sequence[TokenSpec] | None,
+    position: int = -1,
+    logprob: bool = False,
+    vector: str | Path | None = None,
+    trace: str | None = None,
+    downstream: str | None = None,
+    saes: Sequence[AttachedSae] = (),
+) -> Direction:
+    """The direction of interest a request names (see `node_table` for the arguments)."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if not -len(tokens) <= position < len(tokens):
+        raise TdbError(f"position {position} is outside the prompt's {len(tokens)} tokens")
+    position %= len(tokens)
+    targets = resolve_token_list(tokenizer, target, "target")
+    distractors = resolve_token_list(tokenizer, distractor, "distractor")
+    base: Direction
+    if vector is not None:
+        if targets or distractors or logprob:
+            raise TdbError("--vector replaces --target/--distractor/--logprob: give only one")
+        base = ResidualDirection(load_vector(vector, model.config.d_model), position, str(vector))
+    elif logprob:
+        if len(targets) != 1 or distractors:
+            raise TdbError("--logprob explains log p(target): give one target and no distractor")
+        base = LogProb(targets[0], position)
+    else:
+        if not targets or not distractors:
+            raise TdbError(
+                "give a target and a distractor (or --logprob with a target, or --vector FILE)"
+            )
+        base = LogitDiff(targets, distractors, position)
+    if trace is None:
+        if downstream is not None:
+            raise TdbError("--downstream applies only with --trace ...:v")
+        return base
+    down = base if downstream is None else trace_direction(model, tokens, downstream, None, saes)
+    return trace_direction(model, tokens, trace, down, saes)

@@ -1,0 +1,151 @@
+"""One request, three front ends: `tdb nodes --json`, `POST /api/nodes` and the Python API build
+the same `NodeRequest` and return the same document."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tdb.checkpoint import LoadedModel, load_model
+from tdb.cli import main
+from tdb.errors import TdbError
+from tdb.metrics import Group
+from tdb.nodes import NodeType
+from tdb.server.app import create_app
+from tdb.table import NodeRequest, node_table, run_request
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+SECOND = "When Tom and Anna went to the park, Anna gave a ball to"
+IOI = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
+
+# (CLI flags, the same request as JSON): a plain table, ablations of every kind, traces,
+# comparison, verification, token views, SAE latents, display options.
+CASES: dict[str, tuple[list[str], dict[str, object]]] = {
+    "plain": ([], {}),
+    "ablate": (
+        ["--ablate", "h2.3@13:1", "--ablate", "n1.5@13:mean"],
+        {"ablate": ["h2.3@13:1", "n1.5@13:mean"]},
+    ),
+    "resample": (
+        ["--ablate", "h0.1@13:resample", "--resample-prompt", SECOND],
+        {"ablate": ["h0.1@13:resample"], "resample_prompt": SECOND},
+    ),
+    "whole-head-and-layer": (
+        ["--ablate", "h2.3", "--ablate", "m1:mean"],
+        {"ablate": ["h2.3", "m1:mean"]},
+    ),
+    "compare": (["--compare-prompt", SECOND], {"compare_prompt": SECOND}),
+    "second-prompt": (["--second-prompt", SECOND], {"second_prompt": SECOND}),
+    "trace": (["--trace", "h2.3@13:1:q"], {"trace": "h2.3@13:1:q"}),
+    "verify-groups": (
+        ["--verify", "3", "--groups", "direct_effect,act_times_grad"],
+        {"verify": 3, "groups": ["direct_effect", "act_times_grad"]},
+    ),
+    "views": (
+        ["--views", "--view-node", "n1.5@13", "--view-node", "h2.3@13:1"],
+        {"views": True, "view_nodes": ["n1.5@13", "h2.3@13:1"]},
+    ),
+    "latents": (
+        ["--mlp-nodes", "latents", "--attn-nodes", "both", "--ablate", "am2.807@13"],
+        {"mlp_nodes": "latents", "attn_nodes": "both", "ablate": ["am2.807@13"]},
+    ),
+    "sort-filter": (
+        ["--sort", "direct_effect", "--node-types", "attention_head,mlp_neuron"],
+        {"sort": "direct_effect", "node_types": ["attention_head", "mlp_neuron"]},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def demo() -> LoadedModel:
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def client(demo: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_app(demo)) as c:
+        yield c
+
+
+def assert_same(a: object, b: object, where: str = "") -> None:
+    """Equal JSON documents: the same keys (in any order, as JSON objects are unordered), lists
+    in the same order, the same values; floats to 1e-6 (the server
+    computes on its worker thread, where threaded kernels may round the last bit differently)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6), (where, a, b)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b), (where, sorted(a), sorted(b))
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), (where, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_json_equals_the_http_document(
+    case: str, client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags, fields = CASES[case]
+    args = ["nodes", PROMPT, "--target", " Mary", "--distractor", " John", "-k", "4", "--json"]
+    assert main([*args, *flags]) == 0, capsys.readouterr().err
+    from_cli = json.loads(capsys.readouterr().out)
+    response = client.post("/api/nodes", json=IOI | {"k": 4} | fields)
+    assert response.status_code == 200, response.text
+    assert_same(from_cli, response.json())
+    assert from_cli["nodes"], "an empty table proves nothing"
+
+
+def test_python_keywords_build_the_same_request(demo: LoadedModel) -> None:
+    by_keywords = node_table(demo, PROMPT, " Mary", " John", k=3, ablate=["h2.3@13:1"])
+    request = NodeRequest(PROMPT, " Mary", " John", k=3, ablate=("h2.3@13:1",))
+    assert_same(by_keywords.to_json(), run_request(demo, request).to_json())
+
+
+def test_sort_and_node_types_only_reorder_and_filter_the_rows(demo: LoadedModel) -> None:
+    full = node_table(demo, PROMPT, " Mary", " John", k=4)
+    shown = node_table(
+        demo,
+        PROMPT,
+        " Mary",
+        " John",
+        k=4,
+        sort=Group.DIRECT_EFFECT,
+        node_types=[NodeType.ATTENTION_HEAD],
+    )
+    heads = [n for n in full.nodes if n.node_type is NodeType.ATTENTION_HEAD]
+    assert sorted(shown.nodes) == sorted(heads)
+    effects = [abs(v) for v in shown.values[Group.DIRECT_EFFECT]]
+    assert effects == sorted(effects, reverse=True)  # signed metric: by magnitude
+
+
+def test_comparison_and_resample_source_are_separate_fields(demo: LoadedModel) -> None:
+    with pytest.raises(TdbError, match="cannot be combined with --ablate"):
+        node_table(demo, PROMPT, " Mary", " John", ablate=["h2.3@13:1"], compare_prompt=SECOND)
+    with pytest.raises(TdbError, match="none is given"):
+        node_table(demo, PROMPT, " Mary", " John", resample_prompt=SECOND)
+    resampled = node_table(
+        demo, PROMPT, " Mary", " John", ablate=["h0.1@13:resample"], resample_prompt=SECOND
+    )
+    assert resampled.baseline_value is not None and resampled.right_value is None
+    compared = node_table(demo, PROMPT, " Mary", " John", compare_prompt=SECOND)
+    assert compared.right_value is not None and compared.baseline_value is None
+
+
+def test_bad_display_options_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["nodes", PROMPT, "--target", " Mary", "--distractor", " John"]
+    for bad, message in [
+        (["--sort", "loudness"], "--sort: 'loudness' is not one of activation"),
+        (["--groups", "activation", "--sort", "direct_effect"], "not among the metrics shown"),
+        (["--node-types", "neuron"], "--node-types: 'neuron' is not one of embedding"),
+        (["--groups", "activation,activation"], "each metric may appear once"),
+    ]:
+        assert main([*base, *bad]) == 2
+        assert message in capsys.readouterr().err
