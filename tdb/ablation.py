@@ -16,6 +16,12 @@ Where each node is replaced:
                                        reconstruction of the edited latents plus the original
                                        reconstruction error. Pass the SAEs (`saes=`) and run
                                        the model with `attach(saes, hooks)`.
+    head h, every query (`h2.3`)       ATTN_Z[:, h]; a neuron (`n1.5`) MLP_POST[:, n]; a latent
+                                       (`am1.42`) its latents[:, j]: the component everywhere
+    a layer's MLP / attention (`m1`,   MLP_OUT[:] / ATTN_OUT[:]: everything the layer's MLP or
+    `a1`)                              attention writes (output bias included)
+
+Where a node type's activation lives is its spec's (`tdb.nodes.NODE_SPECS`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from torch import Tensor
 
 from tdb.errors import TdbError
 from tdb.hooks import HookPoint, Hooks
-from tdb.latents import LATENT_POINTS, attach, latent_sizes
+from tdb.latents import attach, latent_sizes
 from tdb.models.base import TransformerModel
-from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
+from tdb.nodes import NodeIndex, Target, check_target, parse_target, target_entry, target_location
 from tdb.sae import AttachedSae
 
 
@@ -43,45 +49,31 @@ class AblationKind(StrEnum):
 
 @dataclass(frozen=True)
 class Ablation:
-    """`Ablation(parse_node_id("n1.5@3"), AblationKind.MEAN)`."""
+    """`Ablation(parse_node_id("n1.5@3"), AblationKind.MEAN)`; `parse_ablation("h2.1:mean")`.
 
-    node: NodeIndex
+    `node` is one node, a component at every position (`ComponentIndex`: `h2.1`) or a layer's
+    output (`LayerOutput`: `m1`, `a1`)."""
+
+    node: Target
     kind: AblationKind = AblationKind.ZERO
 
     @property
-    def site(self) -> tuple[HookPoint, int | None]:
-        """The hook point (and layer) whose tensor holds this node's activation."""
-        node = self.node
-        if node.node_type is NodeType.MLP_NEURON:
-            return HookPoint.MLP_POST, node.layer
-        if node.node_type is NodeType.ATTENTION_HEAD:
-            point = HookPoint.ATTN_Z if node.key_token is None else HookPoint.ATTN_PROBS
-            return point, node.layer
-        if node.node_type is NodeType.EMBEDDING:
-            return HookPoint.RESID_EMBED, None
-        if node.node_type is NodeType.AUTOENCODER_LATENT and node.site is not None:
-            return LATENT_POINTS[node.site], node.layer
-        raise TdbError(f"cannot ablate {node.id}: {node.node_type.value} nodes are not supported")
+    def location(self) -> tuple[HookPoint, int | None]:
+        """The hook point (and layer) whose tensor holds what is ablated."""
+        return target_location(self.node)
 
     def index(self) -> tuple[int | slice, ...]:
-        """This node's entry in its site's tensor (batch dimension first)."""
-        n = self.node
-        if n.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
-            return (0, n.token, n.index)  # [batch pos d_mlp] or [batch pos d_sae]
-        if n.node_type is NodeType.ATTENTION_HEAD and n.key_token is None:
-            return (0, n.token, n.index)  # ATTN_Z [batch pos head d_head]
-        if n.node_type is NodeType.ATTENTION_HEAD:
-            assert n.key_token is not None
-            return (0, n.index, n.token, n.key_token)  # ATTN_PROBS [batch head query key]
-        return (0, n.token)  # RESID_EMBED [batch pos d_model]
+        """What is ablated, as an index into its location's tensor (batch dimension first)."""
+        return target_entry(self.node)
 
 
 def parse_ablation(text: str) -> Ablation:
-    """`parse_ablation("h1.2@9:3:mean")`: a node id, optionally `:zero`, `:mean` or `:resample`."""
-    node_text, _, kind = text.rpartition(":")
+    """`parse_ablation("h1.2@9:3:mean")`: a node, component (`h1.2`) or layer output (`m1`)
+    id, optionally followed by `:zero`, `:mean` or `:resample`."""
+    target_text, _, kind = text.rpartition(":")
     if kind in {k.value for k in AblationKind}:
-        return Ablation(parse_node_id(node_text), AblationKind(kind))
-    return Ablation(parse_node_id(text))
+        return Ablation(parse_target(target_text), AblationKind(kind))
+    return Ablation(parse_target(text))
 
 
 def record(
@@ -113,19 +105,17 @@ def record(
 
 
 def mean_value(ablation: Ablation, recorded: list[Tensor]) -> Tensor:
-    """The mean of the node's activation over every position of the recorded prompts."""
+    """The mean of what is ablated over every position of the recorded prompts (for a head at
+    one (query, key) pair: over every pair of the head with key <= query)."""
     node = ablation.node
-    if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
-        return torch.cat([post[:, node.index] for post in recorded]).mean()
-    if node.node_type is NodeType.ATTENTION_HEAD and node.key_token is None:
-        return torch.cat([z[:, node.index] for z in recorded]).mean(dim=0)  # [d_head]
-    if node.node_type is NodeType.ATTENTION_HEAD:
+    if isinstance(node, NodeIndex) and node.key_token is not None:
         pairs = [
             probs[node.index][torch.ones_like(probs[0], dtype=torch.bool).tril()]
             for probs in recorded
-        ]  # every (query, key) pair with key <= query
+        ]  # [head query_pos key_pos] -> every (query, key) pair with key <= query
         return torch.cat(pairs).mean()
-    return torch.cat(recorded).mean(dim=0)  # [d_model]
+    per_position = (slice(None), *ablation.index()[2:])  # its entry, at every position
+    return torch.cat([x[per_position] for x in recorded]).mean(dim=0)
 
 
 def ablation_hooks(
@@ -144,8 +134,7 @@ def ablation_hooks(
     """
     sizes = latent_sizes(saes)
     for ablation in ablations:
-        check_node(ablation.node, model.config, len(tokens), "--ablate", sizes)
-        ablation.site  # noqa: B018  (raises for node types that cannot be ablated)
+        check_target(ablation.node, model.config, len(tokens), "--ablate", sizes)
     kinds = {a.kind for a in ablations}
     if AblationKind.RESAMPLE in kinds:
         if second_prompt is None:
@@ -155,7 +144,7 @@ def ablation_hooks(
                 f"resample ablation needs a second prompt of the same length: it has "
                 f"{len(second_prompt)} tokens, the prompt {len(tokens)}"
             )
-    sites = {a.site for a in ablations if a.kind is not AblationKind.ZERO}
+    sites = {a.location for a in ablations if a.kind is not AblationKind.ZERO}
     means = (
         record(model, mean_prompts or [tokens], sites, saes) if AblationKind.MEAN in kinds else {}
     )
@@ -171,10 +160,10 @@ def ablation_hooks(
         if ablation.kind is AblationKind.ZERO:
             value = torch.zeros(())
         elif ablation.kind is AblationKind.MEAN:
-            value = mean_value(ablation, means[ablation.site])
+            value = mean_value(ablation, means[ablation.location])
         else:
-            value = resampled[ablation.site][0][index[1:]]
-        replacements.setdefault(ablation.site, []).append((index, value))
+            value = resampled[ablation.location][0][index[1:]]
+        replacements.setdefault(ablation.location, []).append((index, value))
 
     def replace(point: HookPoint) -> Callable[[Tensor, int | None], Tensor | None]:
         def hook(x: Tensor, layer: int | None) -> Tensor | None:

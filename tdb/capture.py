@@ -27,16 +27,16 @@ from tdb.direction import Direction
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.latents import LATENT_POINTS, SITE_OF_LATENT_POINT, attach, check_saes, write_directions
 from tdb.metrics import (
-    METRICS,
-    NEEDS_GRADIENT,
-    NEEDS_VALUES,
-    SIGNED_GROUPS,
     AttentionInputs,
     EmbeddingInputs,
     Group,
     LatentInputs,
     MlpInputs,
     ReadOut,
+    is_signed,
+    metric_function,
+    needs_gradient,
+    needs_values,
     node_mask,
 )
 from tdb.models.base import TransformerModel
@@ -81,7 +81,7 @@ class LayeredBlockBuilder:
         keep += [
             ranked(flat[g], self.prune_k, largest=False, valid=self.nodes)
             for g in self.groups
-            if g in SIGNED_GROUPS
+            if is_signed(g)
         ]
         kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
         self.kept[layer] = kept
@@ -119,8 +119,7 @@ class LatentBlockBuilder:
         else:
             keep = [ranked(flat[g], self.prune_k) for g in self.groups]
             keep += [
-                ranked(flat[g], self.prune_k, largest=False)
-                for g in SIGNED_GROUPS & set(self.groups)
+                ranked(flat[g], self.prune_k, largest=False) for g in self.groups if is_signed(g)
             ]
             kept = torch.unique(torch.cat(keep))  # ascending: token, then latent
         coords = torch.full((len(kept), 5), NO_COORD, dtype=torch.long)
@@ -167,8 +166,8 @@ def capture(
     >>> cap.store.topk(Group.DIRECT_EFFECT, NodeType.MLP_NEURON, 5)
     """
     groups = list(dict.fromkeys(groups))
-    needs_grad = any(g in NEEDS_GRADIENT for g in groups)
-    needs_values = any(g in NEEDS_VALUES for g in groups)
+    needs_grad = needs_gradient(groups)
+    reads_values = needs_values(groups)
     n_pos, read_point = len(tokens), direction.read_point
     last_token = max(direction.read_positions)
     n_layer = model.config.n_layer
@@ -190,12 +189,12 @@ def capture(
 
     def derive(node_type: NodeType, inputs: object, layer: int) -> None:
         with torch.no_grad():
-            grids = {group: METRICS[(node_type, group)](inputs) for group in groups}
+            grids = {group: metric_function(node_type, group)(inputs) for group in groups}
         builders[node_type].add(layer, grids)
 
     def finish_attention(layer: int, grad_probs: Tensor | None) -> None:
         probs = saved.pop((HookPoint.ATTN_PROBS, layer))[0].detach()
-        v = saved.pop((HookPoint.V, layer))[0].detach() if needs_values else None
+        v = saved.pop((HookPoint.V, layer))[0].detach() if reads_values else None
         W_O = model.block(layer).attn.W_O.detach()
         grad = None if grad_probs is None else grad_probs[0]
         derive(NodeType.ATTENTION_HEAD, AttentionInputs(probs, grad, v, W_O, read[0]), layer)
@@ -214,7 +213,7 @@ def capture(
             grad = None if grad_z is None else grad_z[0]
             inputs = LatentInputs(z, grad, write_dirs, read[0])
             with torch.no_grad():
-                grids = {g: METRICS[(NodeType.AUTOENCODER_LATENT, g)](inputs) for g in groups}
+                grids = {g: metric_function(NodeType.AUTOENCODER_LATENT, g)(inputs) for g in groups}
             latent_builder.add(attached, grids)
 
         return finish
@@ -252,7 +251,7 @@ def capture(
     own = Hooks(
         {
             HookPoint.RESID_EMBED: embed_leaf,
-            **({HookPoint.V: save_upstream(HookPoint.V)} if needs_values else {}),
+            **({HookPoint.V: save_upstream(HookPoint.V)} if reads_values else {}),
             HookPoint.ATTN_PROBS: save_upstream(HookPoint.ATTN_PROBS),
             HookPoint.MLP_POST: save_upstream(HookPoint.MLP_POST),
             **{
@@ -280,7 +279,9 @@ def capture(
     embedding_nodes = node_mask(NodeType.EMBEDDING, (n_pos,), last_token)
     with torch.no_grad():
         embedding_values = {
-            g: METRICS[(NodeType.EMBEDDING, g)](embedding).masked_fill(~embedding_nodes, math.nan)
+            g: metric_function(NodeType.EMBEDDING, g)(embedding).masked_fill(
+                ~embedding_nodes, math.nan
+            )
             for g in groups
         }
     blocks: dict[NodeType, NodeBlock] = {

@@ -35,21 +35,13 @@ from torch import Tensor
 
 from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel
 from tdb.errors import TdbError
-from tdb.hooks import HookFn, HookPoint, Hooks
+from tdb.hooks import HookFn, Hooks
 from tdb.models.base import ModelConfig, TransformerModel
 from tdb.nodes import LatentSite, NodeType
 from tdb.sae import AttachedSae, load_saes
 
-SITE_POINTS = {
-    LatentSite.ATTN_OUT: HookPoint.ATTN_OUT,
-    LatentSite.MLP_POST: HookPoint.MLP_POST,
-    LatentSite.MLP_OUT: HookPoint.MLP_OUT,
-}
-LATENT_POINTS = {
-    LatentSite.ATTN_OUT: HookPoint.ATTN_OUT_LATENTS,
-    LatentSite.MLP_POST: HookPoint.MLP_POST_LATENTS,
-    LatentSite.MLP_OUT: HookPoint.MLP_OUT_LATENTS,
-}
+SITE_POINTS = {site: site.point for site in LatentSite}
+LATENT_POINTS = {site: site.latent_point for site in LatentSite}
 SITE_OF_LATENT_POINT = {point: site for site, point in LATENT_POINTS.items()}
 
 

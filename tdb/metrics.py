@@ -17,7 +17,7 @@ direction by exactly w · g, and anywhere else not at all (directly).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,12 +38,6 @@ class Group(StrEnum):
 
 
 ALL_GROUPS = tuple(Group)
-# Signed groups keep their bottom k too; the others are non-negative (or, for activations, read
-# for their top only), so their bottom k would only be a list of near-zero rows.
-SIGNED_GROUPS = frozenset({Group.DIRECT_EFFECT, Group.ACT_TIMES_GRAD})
-NEEDS_GRADIENT = frozenset({Group.ACT_TIMES_GRAD})
-NEEDS_VALUES = frozenset({Group.WRITE_NORM, Group.DIRECT_EFFECT})  # attention values v
-
 # Which node coordinate each grid axis holds, per node type (from the node types' specs).
 GRID_AXES: dict[NodeType, tuple[int, ...]] = {t: spec.grid_axes for t, spec in NODE_SPECS.items()}
 
@@ -216,21 +210,82 @@ def latent_act_times_grad(x: LatentInputs) -> Tensor:
     return x.z * grad_or_fail(x.grad_z)
 
 
-METRICS: dict[tuple[NodeType, Group], Callable[..., Tensor]] = {
-    (NodeType.EMBEDDING, Group.ACTIVATION): embedding_activation,
-    (NodeType.EMBEDDING, Group.WRITE_NORM): embedding_write_norm,
-    (NodeType.EMBEDDING, Group.DIRECT_EFFECT): embedding_direct_effect,
-    (NodeType.EMBEDDING, Group.ACT_TIMES_GRAD): embedding_act_times_grad,
-    (NodeType.ATTENTION_HEAD, Group.ACTIVATION): head_activation,
-    (NodeType.ATTENTION_HEAD, Group.WRITE_NORM): head_write_norm,
-    (NodeType.ATTENTION_HEAD, Group.DIRECT_EFFECT): head_direct_effect,
-    (NodeType.ATTENTION_HEAD, Group.ACT_TIMES_GRAD): head_act_times_grad,
-    (NodeType.MLP_NEURON, Group.ACTIVATION): neuron_activation,
-    (NodeType.MLP_NEURON, Group.WRITE_NORM): neuron_write_norm,
-    (NodeType.MLP_NEURON, Group.DIRECT_EFFECT): neuron_direct_effect,
-    (NodeType.MLP_NEURON, Group.ACT_TIMES_GRAD): neuron_act_times_grad,
-    (NodeType.AUTOENCODER_LATENT, Group.ACTIVATION): latent_activation,
-    (NodeType.AUTOENCODER_LATENT, Group.WRITE_NORM): latent_write_norm,
-    (NodeType.AUTOENCODER_LATENT, Group.DIRECT_EFFECT): latent_direct_effect,
-    (NodeType.AUTOENCODER_LATENT, Group.ACT_TIMES_GRAD): latent_act_times_grad,
+@dataclass(frozen=True)
+class MetricSpec:
+    """Everything about one metric: its function per node type, and what it needs.
+
+    `signed`: the multi-group top-k keeps its bottom k too (the others are non-negative or,
+    for activations, read for their top only: their bottom k would be rows of near-zeros).
+    `needs_gradient`: the capture runs the backward pass. `needs_values`: the capture saves
+    the attention values v."""
+
+    signed: bool
+    needs_gradient: bool
+    needs_values: bool
+    functions: Mapping[NodeType, Callable[..., Tensor]]
+
+
+# The registry: adding a metric is one entry here (a `Group` member and its functions).
+METRIC_SPECS: dict[Group, MetricSpec] = {
+    Group.ACTIVATION: MetricSpec(
+        signed=False,
+        needs_gradient=False,
+        needs_values=False,
+        functions={
+            NodeType.EMBEDDING: embedding_activation,
+            NodeType.ATTENTION_HEAD: head_activation,
+            NodeType.MLP_NEURON: neuron_activation,
+            NodeType.AUTOENCODER_LATENT: latent_activation,
+        },
+    ),
+    Group.WRITE_NORM: MetricSpec(
+        signed=False,
+        needs_gradient=False,
+        needs_values=True,
+        functions={
+            NodeType.EMBEDDING: embedding_write_norm,
+            NodeType.ATTENTION_HEAD: head_write_norm,
+            NodeType.MLP_NEURON: neuron_write_norm,
+            NodeType.AUTOENCODER_LATENT: latent_write_norm,
+        },
+    ),
+    Group.DIRECT_EFFECT: MetricSpec(
+        signed=True,
+        needs_gradient=False,
+        needs_values=True,
+        functions={
+            NodeType.EMBEDDING: embedding_direct_effect,
+            NodeType.ATTENTION_HEAD: head_direct_effect,
+            NodeType.MLP_NEURON: neuron_direct_effect,
+            NodeType.AUTOENCODER_LATENT: latent_direct_effect,
+        },
+    ),
+    Group.ACT_TIMES_GRAD: MetricSpec(
+        signed=True,
+        needs_gradient=True,
+        needs_values=False,
+        functions={
+            NodeType.EMBEDDING: embedding_act_times_grad,
+            NodeType.ATTENTION_HEAD: head_act_times_grad,
+            NodeType.MLP_NEURON: neuron_act_times_grad,
+            NodeType.AUTOENCODER_LATENT: latent_act_times_grad,
+        },
+    ),
 }
+
+
+def metric_function(node_type: NodeType, group: Group) -> Callable[..., Tensor]:
+    """The function computing `group` for one layer of `node_type` nodes."""
+    return METRIC_SPECS[group].functions[node_type]
+
+
+def is_signed(group: Group) -> bool:
+    return METRIC_SPECS[group].signed
+
+
+def needs_gradient(groups: Iterable[Group]) -> bool:
+    return any(METRIC_SPECS[g].needs_gradient for g in groups)
+
+
+def needs_values(groups: Iterable[Group]) -> bool:
+    return any(METRIC_SPECS[g].needs_values for g in groups)

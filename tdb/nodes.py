@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from tdb.errors import TdbError
+from tdb.hooks import HookPoint
 
 
 class NodeType(StrEnum):
@@ -44,6 +45,21 @@ class LatentSite(StrEnum):
     @property
     def reads_mlp(self) -> bool:
         return self is not LatentSite.ATTN_OUT
+
+    @property
+    def point(self) -> HookPoint:
+        """The hook point the SAE reads (and reconstructs)."""
+        return {"attn_out": HookPoint.ATTN_OUT, "mlp_post": HookPoint.MLP_POST}.get(
+            self.value, HookPoint.MLP_OUT
+        )
+
+    @property
+    def latent_point(self) -> HookPoint:
+        """The hook point of the SAE's latents [batch pos d_sae] (tdb.latents calls it)."""
+        return {
+            "attn_out": HookPoint.ATTN_OUT_LATENTS,
+            "mlp_post": HookPoint.MLP_POST_LATENTS,
+        }.get(self.value, HookPoint.MLP_OUT_LATENTS)
 
 
 SITES = tuple(LatentSite)
@@ -151,7 +167,7 @@ class NodeSpec:
     (how the store lays out one layer's values), how a person reads it, where its activation
     lives in the forward pass (which is where an ablation replaces it) and whether it is a
     component with a page of dataset examples. Metrics are per (node type, metric) in
-    `tdb.metrics.METRICS`; write vectors per node type in `tdb.token_views.WRITE_VECTORS`."""
+    `tdb.metrics.METRIC_SPECS`; write vectors per node type in `tdb.token_views.WRITE_VECTORS`."""
 
     node_type: NodeType
     grammar: str  # the id grammar, as error messages show it
@@ -161,6 +177,10 @@ class NodeSpec:
     grid_axes: tuple[int, ...]  # which node coordinate each axis of one layer's grid holds
     label: Callable[[NodeIndex, Callable[[int], str]], str]  # (node, token name) -> text
     has_component: bool  # a component (neuron, head, latent) with a page of dataset examples
+    # Where the node's activation lives: (hook point, layer), and its entry in that tensor
+    # (batch first) at a token, or at every token (`slice(None)`). Ablations replace it there.
+    location: Callable[[NodeIndex], tuple[HookPoint, int | None]]
+    entry: Callable[[NodeIndex, int | slice], tuple[int | slice, ...]]
 
 
 def _embedding_id(node: NodeIndex) -> str:
@@ -179,6 +199,27 @@ def _neuron_id(node: NodeIndex) -> str:
 def _latent_id(node: NodeIndex) -> str:
     assert node.site is not None
     return f"a{node.site.code}{node.layer}.{node.index}@{node.token}"
+
+
+def _head_location(node: NodeIndex) -> tuple[HookPoint, int | None]:
+    # A (query, key) pair is one attention probability; a head at a query for all keys (and a
+    # whole head) is its output z before W_O.
+    return (HookPoint.ATTN_Z if node.key_token is None else HookPoint.ATTN_PROBS), node.layer
+
+
+def _head_entry(node: NodeIndex, token: int | slice) -> tuple[int | slice, ...]:
+    if node.key_token is None:
+        return (0, token, node.index)  # ATTN_Z [batch pos head d_head]
+    return (0, node.index, token, node.key_token)  # ATTN_PROBS [batch head query_pos key_pos]
+
+
+def _unit_entry(node: NodeIndex, token: int | slice) -> tuple[int | slice, ...]:
+    return (0, token, node.index)  # [batch pos d_mlp] or [batch pos d_sae]
+
+
+def _latent_location(node: NodeIndex) -> tuple[HookPoint, int | None]:
+    assert node.site is not None
+    return node.site.latent_point, node.layer
 
 
 def _head_label(node: NodeIndex, tok: Callable[[int], str]) -> str:
@@ -201,6 +242,8 @@ NODE_SPECS: dict[NodeType, NodeSpec] = {
         grid_axes=(TOKEN,),
         label=lambda node, tok: f"embedding {tok(node.token)}",
         has_component=False,
+        location=lambda node: (HookPoint.RESID_EMBED, None),
+        entry=lambda node, token: (0, token),  # [batch pos d_model]
     ),
     NodeType.ATTENTION_HEAD: NodeSpec(
         NodeType.ATTENTION_HEAD,
@@ -217,6 +260,8 @@ NODE_SPECS: dict[NodeType, NodeSpec] = {
         grid_axes=(LAYER, INDEX, TOKEN, KEY_TOKEN),
         label=_head_label,
         has_component=True,
+        location=_head_location,
+        entry=_head_entry,
     ),
     NodeType.MLP_NEURON: NodeSpec(
         NodeType.MLP_NEURON,
@@ -227,6 +272,8 @@ NODE_SPECS: dict[NodeType, NodeSpec] = {
         grid_axes=(LAYER, TOKEN, INDEX),
         label=lambda node, tok: f"L{node.layer} neuron {node.index} {tok(node.token)}",
         has_component=True,
+        location=lambda node: (HookPoint.MLP_POST, node.layer),
+        entry=_unit_entry,
     ),
     NodeType.AUTOENCODER_LATENT: NodeSpec(
         NodeType.AUTOENCODER_LATENT,
@@ -244,6 +291,8 @@ NODE_SPECS: dict[NodeType, NodeSpec] = {
         grid_axes=(LAYER, TOKEN, INDEX),  # per SAE; the store keeps latents as a list of nodes
         label=_latent_label,
         has_component=True,
+        location=_latent_location,
+        entry=_unit_entry,
     ),
 }
 
@@ -273,3 +322,110 @@ def component_link(node: NodeIndex) -> str | None:
         return None
     link = f"/component/{node.node_type.value}/{node.layer}/{node.index}"
     return link if node.site is None else f"{link}?site={node.site.value}"
+
+
+@dataclass(frozen=True, order=True)
+class ComponentIndex:
+    """A component at every position: `h2.1` (head 1 of layer 2, every query), `n1.5`,
+    `am1.42`. Its id is its nodes' id without the `@token` part."""
+
+    node_type: NodeType
+    layer: int
+    index: int
+    site: LatentSite | None = None
+
+    def at(self, token: int) -> NodeIndex:
+        """The component's node at one token (for heads: at one query, every key)."""
+        return NodeIndex(self.node_type, self.layer, token, self.index, site=self.site)
+
+    @property
+    def id(self) -> str:
+        return self.at(0).id.rpartition("@")[0]
+
+
+class LayerPart(StrEnum):
+    MLP = "mlp"
+    ATTENTION = "attention"
+
+
+@dataclass(frozen=True, order=True)
+class LayerOutput:
+    """What one layer's MLP (`m1`) or attention (`a1`) writes, at every position."""
+
+    part: LayerPart
+    layer: int
+
+    @property
+    def id(self) -> str:
+        return f"{'m' if self.part is LayerPart.MLP else 'a'}{self.layer}"
+
+    @property
+    def point(self) -> HookPoint:
+        return HookPoint.MLP_OUT if self.part is LayerPart.MLP else HookPoint.ATTN_OUT
+
+
+# What an ablation can replace: one node, a component at every position, a layer's output.
+Target = NodeIndex | ComponentIndex | LayerOutput
+_LAYER_ID = re.compile(r"([ma])(\d+)")
+
+
+def parse_target(text: str) -> Target:
+    """A node id (`h2.1@7:3`), a component id (`h2.1`, `n1.5`, `am1.42`) or a layer's output
+    (`m1`, `a1`): `parse_target("h2.1")`."""
+    text = text.strip()
+    layer = _LAYER_ID.fullmatch(text)
+    if layer is not None:
+        part = LayerPart.MLP if layer[1] == "m" else LayerPart.ATTENTION
+        return LayerOutput(part, int(layer[2]))
+    if "@" in text or text.startswith("e"):
+        return parse_node_id(text)
+    try:
+        node = parse_node_id(text + "@0")  # a component's id is its nodes' without the token
+    except TdbError:
+        raise TdbError(
+            f"{text!r} is not a node id ({', '.join(s.grammar for s in NODE_SPECS.values())}), "
+            "a component id (h<layer>.<head>, n<layer>.<neuron>, a<a|p|m><layer>.<latent>: "
+            "every position) or a layer's output (m<layer>, a<layer>: every position)"
+        ) from None
+    assert node.layer is not None
+    return ComponentIndex(node.node_type, node.layer, node.index, node.site)
+
+
+def target_location(target: Target) -> tuple[HookPoint, int | None]:
+    """The hook point (and layer) whose tensor holds the target's activation."""
+    if isinstance(target, LayerOutput):
+        return target.point, target.layer
+    node = target.at(0) if isinstance(target, ComponentIndex) else target
+    return NODE_SPECS[node.node_type].location(node)
+
+
+def target_entry(target: Target) -> tuple[int | slice, ...]:
+    """The target's entry in its location's tensor (batch first; `slice(None)`: every token)."""
+    if isinstance(target, LayerOutput):
+        return (0, slice(None))  # [batch pos d_model]
+    if isinstance(target, ComponentIndex):
+        return NODE_SPECS[target.node_type].entry(target.at(0), slice(None))
+    return NODE_SPECS[target.node_type].entry(target, target.token)
+
+
+def check_target(
+    target: Target,
+    config: ModelShape,
+    n_pos: int,
+    what: str,
+    latent_sizes: Mapping[tuple[LatentSite, int], int] | None = None,
+) -> Target:
+    """The target, if it exists in this model on a prompt of `n_pos` tokens; else a TdbError."""
+    if isinstance(target, NodeIndex):
+        return check_node(target, config, n_pos, what, latent_sizes)
+    if isinstance(target, LayerOutput):
+        if not 0 <= target.layer < config.n_layer:
+            raise TdbError(
+                f"{what} {target.id}: layer {target.layer} is outside 0..{config.n_layer - 1}"
+            )
+        return target
+    try:
+        check_node(target.at(0), config, 1, what, latent_sizes)
+    except TdbError as e:
+        raise TdbError(str(e).replace(target.at(0).id, target.id, 1)) from None
+    return target

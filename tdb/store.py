@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.metrics import GRID_AXES, SIGNED_GROUPS, Group
+from tdb.metrics import GRID_AXES, Group, is_signed
 from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
 
 CHUNK = 1 << 15
@@ -190,7 +190,7 @@ def check_pruned(block: NodeBlock, group: Group, k: int, largest: bool) -> None:
     """A pruned block holds each layer's top k of every group and bottom k of signed groups."""
     if block.pruned_k is None:
         return
-    if not largest and group not in SIGNED_GROUPS:
+    if not largest and not is_signed(group):
         raise TdbError(
             f"the bottom k of {group.value} was not kept when {block.node_type.value} nodes "
             "were pruned layer by layer: capture a dense store"

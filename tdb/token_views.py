@@ -9,12 +9,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tdb.ablation import Ablation, record
+from tdb.ablation import record
 from tdb.hooks import HookPoint
 from tdb.latents import check_saes, write_directions
 from tdb.metrics import Group
 from tdb.models.base import TransformerModel
-from tdb.nodes import NodeIndex, NodeType
+from tdb.nodes import NodeIndex, NodeType, target_location
 from tdb.sae import AttachedSae
 from tdb.store import GridBlock, ScalarStore
 from tdb.tokens import Tokenizer
@@ -64,17 +64,17 @@ def write_vector(
 ) -> Float[Tensor, " d_model"]:
     """What the node writes into the residual stream on this prompt, computed explicitly
     (`saes`: the attached SAEs, for latents)."""
-    ablation = Ablation(node)  # only for where the node's activation lives
+    location = target_location(node)  # where the node's activation lives
     if node.node_type is NodeType.AUTOENCODER_LATENT:
         assert node.site is not None and node.layer is not None
         attached = check_saes(saes, model.config)[(node.site, node.layer)]
-        z = record(model, [tokens], {ablation.site}, saes)[ablation.site][0]
+        z = record(model, [tokens], {location}, saes)[location][0]
         return z[node.token, node.index] * write_directions(model, attached)[node.index]
     if node.node_type is NodeType.EMBEDDING:
-        return record(model, [tokens], {ablation.site})[ablation.site][0][node.token]
+        return record(model, [tokens], {location})[location][0][node.token]
     assert node.layer is not None
     if node.node_type is NodeType.MLP_NEURON:
-        post = record(model, [tokens], {ablation.site})[ablation.site][0]
+        post = record(model, [tokens], {location})[location][0]
         return post[node.token, node.index] * model.block(node.layer).mlp.W_out[node.index]
     sites: set[tuple[HookPoint, int | None]] = {
         (HookPoint.ATTN_PROBS, node.layer),
@@ -111,8 +111,8 @@ def node_view(
         "exciting_tokens": None,
     }
     if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
-        site = Ablation(node).site
-        post = record(model, [tokens], {site}, saes)[site][0][:, node.index]  # [pos]
+        location = target_location(node)
+        post = record(model, [tokens], {location}, saes)[location][0][:, node.index]  # [pos]
         order = torch.argsort(post, descending=True, stable=True)[:n]
         view["exciting_tokens"] = [
             {"token": int(t), "text": tokenizer.token_text(tokens[int(t)]), "value": float(post[t])}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.metrics import SIGNED_GROUPS, Group
+from tdb.metrics import Group, is_signed
 from tdb.nodes import TOKEN, NodeIndex, NodeType
 from tdb.store import NodeBlock, ScalarStore, check_pruned, ranked
 
@@ -68,7 +68,7 @@ def winners(
         if block.pruned_k is not None:
             raise TdbError("a value transform needs a dense store (capture without pruning)")
         values = transform(block, group, values)
-    sides = (True, False) if group in SIGNED_GROUPS else (True,)
+    sides = (True, False) if is_signed(group) else (True,)
     out: list[NodeIndex] = []
     for largest in sides:
         check_pruned(block, group, k, largest)

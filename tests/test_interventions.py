@@ -46,7 +46,7 @@ def set_entry(
     name: str,
     layer: int | None,
     head: int | None,
-    index: tuple[int, ...],
+    index: tuple[int | slice, ...],
     value: float | torch.Tensor,
 ):
     """An edit for naive_run that sets one entry."""
@@ -69,6 +69,11 @@ def set_entry(
         ("h1.2@9:3", set_entry("probs", 1, 2, (9, 3), 0.0)),
         ("h2.0@9", set_entry("head_out", 2, 0, (9,), 0.0)),
         ("e@2", set_entry("resid", None, None, (2,), 0.0)),
+        # Whole components and layers: every position.
+        ("h2.0", set_entry("head_out", 2, 0, (slice(None),), 0.0)),
+        ("n1.7", set_entry("post", 1, None, (slice(None), 7), 0.0)),
+        ("m1", set_entry("mlp_out", 1, None, (slice(None),), 0.0)),
+        ("a0:zero", set_entry("attn_out", 0, None, (slice(None),), 0.0)),
     ],
 )
 def test_zero_ablation_changes_the_direction_as_the_naive_model_says(
@@ -89,6 +94,23 @@ def test_zero_ablation_changes_the_direction_as_the_naive_model_says(
         assert table.columns[f"{g.value}_baseline"] == pytest.approx(before, abs=1e-6)
         diff = [a - b for a, b in zip(table.values[g], before, strict=True)]
         assert table.columns[f"{g.value}_diff"] == pytest.approx(diff, abs=1e-6)
+
+
+def test_whole_layer_mean_ablation_is_the_layers_mean_write(
+    pair: tuple[GPT2LMHeadModel, LoadedModel],
+) -> None:
+    """`m1:mean`: layer 1's MLP output at every position becomes its mean over the prompt."""
+    hf, loaded = pair
+    mean = naive_run(hf, TOKENS, LAST, T, D).mlp_out[1].mean(dim=0)  # [d_model]
+    expected = naive_run(hf, TOKENS, LAST, T, D, edit=set_entry("mlp_out", 1, None, (), mean))
+    table = node_table(loaded, TOKENS, T, D, k=1, ablate=["m1:mean"])
+    assert table.direction_value == pytest.approx(expected.value, abs=1e-5)
+    with pytest.raises(TdbError, match="layer 7 is outside"):
+        node_table(loaded, TOKENS, T, D, ablate=["a7"])
+    with pytest.raises(TdbError, match=r"h9\.1: layer 9 is outside"):
+        node_table(loaded, TOKENS, T, D, ablate=["h9.1"])
+    with pytest.raises(TdbError, match="a component id"):
+        node_table(loaded, TOKENS, T, D, ablate=["x1.2"])
 
 
 def test_pair_ablation_touches_only_that_pair_and_does_not_renormalise(

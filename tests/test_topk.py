@@ -14,7 +14,7 @@ from tdb.capture import capture
 from tdb.checkpoint import load_model
 from tdb.direction import LogitDiff
 from tdb.errors import TdbError
-from tdb.metrics import ALL_GROUPS, SIGNED_GROUPS, Group
+from tdb.metrics import ALL_GROUPS, Group, is_signed
 from tdb.nodes import NodeIndex, NodeType
 from tdb.store import GridBlock, ScalarStore, chunked_topk, ranked
 from tdb.topk import absolute, keep_token, multi_group_topk
@@ -66,7 +66,7 @@ def brute_force(store: ScalarStore, groups: list[Group], k: int) -> list[NodeInd
             of_type = [(i, n, v) for i, (n, v) in enumerate(nodes) if n.node_type is node_type]
             top = sorted(of_type, key=lambda inv: (-inv[2][group], inv[0]))[:k]
             ranked_nodes = [n for _, n, _ in top]
-            if group in SIGNED_GROUPS:
+            if is_signed(group):
                 bottom = sorted(of_type, key=lambda inv: (inv[2][group], inv[0]))[:k]
                 ranked_nodes += [n for _, n, _ in bottom]
             for n in ranked_nodes:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
-from tdb.metrics import SIGNED_GROUPS, Group
+from tdb.metrics import Group, is_signed
 from tdb.nodes import NodeType
 from tdb.server.schemas import (
     NodeTableRequest,
@@ -112,7 +112,9 @@ def select_rows(
         return response
     nodes = response.nodes
     values = None if sort is None else [n.values.get(sort.value) for n in nodes]
-    order = row_order([n.node_type for n in nodes], values, node_types, sort in SIGNED_GROUPS)
+    order = row_order(
+        [n.node_type for n in nodes], values, node_types, sort is not None and is_signed(sort)
+    )
     return response.model_copy(update={"nodes": [nodes[i] for i in order]})
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tdb.ablation import Ablation, AblationKind, parse_ablation
 from tdb.errors import TdbError
-from tdb.metrics import ALL_GROUPS, Group
+from tdb.metrics import ALL_GROUPS, METRIC_SPECS, Group
 from tdb.nodes import NodeType
 from tdb.sae import AttachedSae
 
@@ -90,13 +90,13 @@ class NodeRequest:
             raise TdbError(f"-k must be >= 0, got {self.k}")
         if self.verify < 0:
             raise TdbError(f"--verify must be >= 0, got {self.verify}")
-        groups = [Group(g) for g in self.groups]
+        groups = [g if g in METRIC_SPECS else Group(g) for g in self.groups]
         if not groups:
             raise TdbError(f"--groups: give at least one of {', '.join(g.value for g in Group)}")
         if len(set(groups)) != len(groups):
             raise TdbError("--groups: each metric may appear once")
-        if self.sort is not None and Group(self.sort) not in groups:
-            raise TdbError(f"--sort {Group(self.sort).value}: not among the metrics shown")
+        if self.sort is not None and self.sort not in groups:
+            raise TdbError(f"--sort {self.sort}: not among the metrics shown")
         if self.mlp_nodes not in MLP_NODE_CHOICES:
             raise TdbError(f"--mlp-nodes must be one of {', '.join(MLP_NODE_CHOICES)}")
         if self.attn_nodes not in ATTN_NODE_CHOICES:
@@ -115,7 +115,7 @@ class NodeRequest:
         return replace(
             self,
             groups=tuple(groups),
-            sort=None if self.sort is None else Group(self.sort),
+            sort=None if self.sort is None else groups[groups.index(self.sort)],
             node_types=None if self.node_types is None else tuple(map(NodeType, self.node_types)),
             ablations=ablations,
         )

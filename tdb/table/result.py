@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tdb.direction import Direction
-from tdb.metrics import SIGNED_GROUPS, Group
+from tdb.metrics import Group, is_signed
 from tdb.nodes import NodeIndex, NodeType, component_link, node_label
 from tdb.verify import Verified
 
@@ -103,7 +103,7 @@ class NodeTable:
             [n.node_type for n in self.nodes],
             None if sort is None else self.values[sort],
             node_types,
-            sort in SIGNED_GROUPS,
+            sort is not None and is_signed(sort),
         )
         return replace(
             self,
