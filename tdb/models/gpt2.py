@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
 from tdb.models.hf import HFConfig
-from tdb.models.layers import ACTIVATIONS, MLP, LayerNorm, final_logits, sequential_block
+from tdb.models.layers import (
+    ACTIVATIONS,
+    MLP,
+    Attention,
+    LayerNorm,
+    final_logits,
+    sequential_block,
+)
 
 
 @dataclass(frozen=True)
@@ -46,63 +53,17 @@ class GPT2Config:
         return self.d_model // self.n_head
 
 
-class Attention(nn.Module):
-    def __init__(self, config: GPT2Config, layer: int) -> None:
-        super().__init__()
-        h, d, dh = config.n_head, config.d_model, config.d_head
-        self.W_Q = nn.Parameter(torch.empty(h, d, dh))
-        self.W_K = nn.Parameter(torch.empty(h, d, dh))
-        self.W_V = nn.Parameter(torch.empty(h, d, dh))
-        self.b_Q = nn.Parameter(torch.zeros(h, dh))
-        self.b_K = nn.Parameter(torch.zeros(h, dh))
-        self.b_V = nn.Parameter(torch.zeros(h, dh))
-        self.W_O = nn.Parameter(torch.empty(h, dh, d))
-        self.b_O = nn.Parameter(torch.zeros(d))
-        self.score_scale = 1.0 / math.sqrt(dh)
-        if config.scale_attn_by_inverse_layer_idx:
-            self.score_scale /= layer + 1
-
-    def forward(
-        self,
-        x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
-        hooks: Hooks,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        q = hooks(HookPoint.Q, torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k = hooks(HookPoint.K, torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
-        v = hooks(HookPoint.V, torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
-        logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
-        logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
-        logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = hooks(HookPoint.ATTN_PROBS, logits.softmax(dim=-1))
-        z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
-
-    def head_logit(
-        self,
-        x_query: Float[Tensor, " d_model"],
-        x_key: Float[Tensor, " d_model"],
-        head: int,
-        query_pos: int,
-        key_pos: int,
-    ) -> Float[Tensor, ""]:
-        """One head's attention logit from the (normalised) query and key residual streams
-        (GPT-2's positions are in the residual stream already: the positions are unused)."""
-        q = x_query @ self.W_Q[head] + self.b_Q[head]
-        k = x_key @ self.W_K[head] + self.b_K[head]
-        return (q @ k) * self.score_scale
-
-    def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
-        return x_key @ self.W_V[head] + self.b_V[head]
-
-
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN1_SCALE)
-        self.attn = Attention(config, layer)
-        self.ln_2 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN2_SCALE)
-        self.mlp = MLP(config.d_model, config.d_mlp, ACTIVATIONS[config.activation])
+        c = config
+        self.ln_1 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN1_SCALE)
+        score_scale = 1.0 / math.sqrt(c.d_head)
+        if c.scale_attn_by_inverse_layer_idx:
+            score_scale /= layer + 1
+        self.attn = Attention(c.d_model, c.n_head, c.n_head, c.d_head, None, score_scale)
+        self.ln_2 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN2_SCALE)
+        self.mlp = MLP(c.d_model, c.d_mlp, ACTIVATIONS[c.activation])
         self.mlp_input = HookPoint.RESID_MID
 
     def forward(

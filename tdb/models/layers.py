@@ -204,15 +204,23 @@ def final_logits(
 
 
 class Attention(nn.Module):
-    """Rotary multi-head attention with `n_kv_head` key/value heads shared by groups of
+    """Multi-head attention with `n_kv_head` key/value heads shared by groups of
     `n_head // n_kv_head` query heads (grouped-query; n_kv_head = n_head is plain multi-head).
+    Rotary when `rope` is given; without (GPT-2) positions are in the residual stream already.
 
     K and V are hooked per query head (the shared heads repeated), so every hook point and every
     metric sees `n_head` ordinary heads, and a hook may change one query head's key alone.
+    Scores are q · k · `score_scale`, by default 1 / sqrt(d_head).
     """
 
     def __init__(
-        self, d_model: int, n_head: int, n_kv_head: int, d_head: int, rope: RopeConfig
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        d_head: int,
+        rope: RopeConfig | None,
+        score_scale: float | None = None,
     ) -> None:
         super().__init__()
         if n_head % n_kv_head:
@@ -226,33 +234,37 @@ class Attention(nn.Module):
         self.W_O = normal(n_head, d_head, d_model)
         self.b_O = zeros(d_model)
         self.group = n_head // n_kv_head
-        self.score_scale = 1.0 / math.sqrt(d_head)
+        self.score_scale = 1.0 / math.sqrt(d_head) if score_scale is None else score_scale
         self.rope = rope  # the forward pass gets its rotations ready-made; head_logit needs this
 
     def per_query_head(
         self, x: Float[Tensor, "batch pos kv_head d_head"]
     ) -> Float[Tensor, "batch pos head d_head"]:
+        if self.group == 1:
+            return x
         return x.repeat_interleave(self.group, dim=2)  # query head h reads kv head h // group
 
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        rotary: Rotary,
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
+        rotary: Rotary | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q  # [batch pos head d_head]
         k = torch.einsum("bpd,gde->bpge", x, self.W_K) + self.b_K  # [batch pos kv_head d_head]
         v = torch.einsum("bpd,gde->bpge", x, self.W_V) + self.b_V  # [batch pos kv_head d_head]
-        q = hooks(HookPoint.Q, rotary.rotate(q))
-        k = hooks(HookPoint.K, self.per_query_head(rotary.rotate(k)))
+        if rotary is not None:
+            q, k = rotary.rotate(q), rotary.rotate(k)
+        q = hooks(HookPoint.Q, q)
+        k = hooks(HookPoint.K, self.per_query_head(k))
         v = hooks(HookPoint.V, self.per_query_head(v))
         logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
         logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
         probs = hooks(HookPoint.ATTN_PROBS, logits.softmax(dim=-1))
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
 
     def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
         """One query head's value from the (normalised) key residual stream."""
@@ -268,10 +280,12 @@ class Attention(nn.Module):
         key_pos: int,
     ) -> Float[Tensor, ""]:
         """One head's attention logit from the (normalised) query and key residual streams at
-        token positions `query_pos` and `key_pos` (the rotation depends on them)."""
+        token positions `query_pos` and `key_pos` (the rotation, if any, depends on them)."""
         kv_head = head // self.group
         q = x_query @ self.W_Q[head] + self.b_Q[head]  # [d_head]
         k = x_key @ self.W_K[kv_head] + self.b_K[kv_head]
+        if self.rope is None:
+            return (q @ k) * self.score_scale
         positions = torch.tensor([[query_pos, key_pos]], device=q.device)  # [batch=1 pos=2]
         rotary = Rotary.at(positions, self.rope)
         qk = rotary.rotate(torch.stack([q, k])[None, :, None])[0, :, 0]  # [2 d_head]

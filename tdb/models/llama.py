@@ -86,7 +86,7 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
+        attend = partial(self.attn, mask=mask, hooks=hooks, rotary=rotary)
         return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
 
 

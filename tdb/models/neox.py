@@ -79,7 +79,7 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
+        attend = partial(self.attn, mask=mask, hooks=hooks, rotary=rotary)
         if not self.parallel:
             return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
         # Both read the block's input. RESID_MID (input + attention's write) is what the stream
