@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -22,14 +21,7 @@ from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
 from tdb.models.hf import HFConfig
-from tdb.models.layers import (
-    ACTIVATIONS,
-    MLP,
-    Attention,
-    LayerNorm,
-    final_logits,
-    sequential_block,
-)
+from tdb.models.layers import ACTIVATIONS, MLP, Attention, LayerNorm, causal_mask
 
 
 @dataclass(frozen=True)
@@ -72,8 +64,11 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, mask=mask, hooks=hooks)
-        return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
+        x = hooks(HookPoint.RESID_PRE, x)
+        x = x + hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), mask, hooks))
+        x = hooks(HookPoint.RESID_MID, x)
+        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+        return hooks(HookPoint.RESID_POST, x)
 
 
 class GPT2(nn.Module):
@@ -135,16 +130,18 @@ class GPT2(nn.Module):
         batch, n_pos = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=tokens.device).tril()[None]
-        mask = causal if attention_mask is None else causal & attention_mask
+        mask = causal_mask(n_pos, None, attention_mask, tokens.device)
 
-        top = hooks.at_layer(None)
+        top = hooks.at_layer(None)  # the hooks outside any layer
         token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
         pos_embed = top(HookPoint.POS_EMBED, self.W_pos[position_ids])
         x = top(HookPoint.RESID_EMBED, token_embed + pos_embed)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, hooks.at_layer(layer))
-        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
+        x = top(HookPoint.RESID_FINAL, x)
+        if logit_positions is not None:
+            x = x[:, logit_positions]  # [batch logit_pos d_model]
+        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------
@@ -211,7 +208,8 @@ def state_dict_from_hf(hf: dict[str, Tensor], config: GPT2Config) -> dict[str, T
         for i, name in enumerate("QKV"):
             out[f"{dst}attn.W_{name}"] = w_qkv[:, i].permute(1, 0, 2)  # [head d_model d_head]
             out[f"{dst}attn.b_{name}"] = b_qkv[i]
-        out[dst + "attn.W_O"] = hf[src + "attn.c_proj.weight"].reshape(h, dh, d)
+        w_o = hf[src + "attn.c_proj.weight"]  # [head*d_head d_model]
+        out[dst + "attn.W_O"] = w_o.reshape(h, dh, d)  # [head d_head d_model]
         out[dst + "attn.b_O"] = hf[src + "attn.c_proj.bias"]
         out[dst + "mlp.W_in"] = hf[src + "mlp.c_fc.weight"]  # [d_model d_mlp]
         out[dst + "mlp.b_in"] = hf[src + "mlp.c_fc.bias"]

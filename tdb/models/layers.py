@@ -1,14 +1,14 @@
 """Pieces shared by the architectures: activations, LayerNorm, RMSNorm, rotary position
-embeddings, the causal (optionally sliding-window) mask, the pre-norm block and the final logits,
-grouped-query attention, and the plain and gated MLPs.
+embeddings, the causal (optionally sliding-window) mask, multi-head attention (grouped-query,
+rotary or not), and the plain and gated MLPs. Each model file puts them together in its block.
 
     >>> rotary = Rotary.at(position_ids, RopeConfig(theta=10000.0, rotary_dim=64))
-    >>> out = attn(ln_1(x, hooks), rotary, causal_mask(n_pos, None, None, x.device), hooks)
+    >>> out = attn(ln_1(x, hooks), causal_mask(n_pos, None, None, x.device), hooks, rotary)
 
-Every piece calls the same hook points GPT-2 does at the same meaning (see `tdb.hooks`), so the
-capture and the metrics need no special case per architecture. Weights are stored in the shapes
-the math uses: `W_Q[head, d_model, d_head]`, `W_O[head, d_head, d_model]`, `W_out[d_mlp, d_model]`.
-"""
+Every piece calls the same hook points at the same meaning in every architecture (see
+`tdb.hooks`), so the capture and the metrics need no special case per architecture. Weights are
+stored in the shapes the math uses: `W_Q[head, d_model, d_head]`, `W_O[head, d_head, d_model]`,
+`W_out[d_mlp, d_model]`."""
 
 from __future__ import annotations
 
@@ -163,41 +163,6 @@ def causal_mask(
     if window is not None:
         allowed = allowed & (key > query - window)
     return allowed[None] if attention_mask is None else allowed[None] & attention_mask
-
-
-Sublayer = Callable[[Tensor, Hooks], Tensor]  # a norm or an MLP: f(x, hooks)
-
-
-def sequential_block(
-    x: Float[Tensor, "batch pos d_model"],
-    attend: Callable[[Tensor], Tensor],
-    ln_1: Sublayer,
-    ln_2: Sublayer,
-    mlp: Sublayer,
-    hooks: Hooks,
-) -> Float[Tensor, "batch pos d_model"]:
-    """A pre-norm block: attention, then the MLP, each adding its write to the residual stream
-    (`attend` is the block's attention on the normalised stream, its mask and positions bound)."""
-    x = hooks(HookPoint.RESID_PRE, x)
-    x = x + hooks(HookPoint.ATTN_OUT, attend(ln_1(x, hooks)))
-    x = hooks(HookPoint.RESID_MID, x)
-    x = x + hooks(HookPoint.MLP_OUT, mlp(ln_2(x, hooks), hooks))
-    return hooks(HookPoint.RESID_POST, x)
-
-
-def final_logits(
-    x: Float[Tensor, "batch pos d_model"],
-    ln_f: Sublayer,
-    unembed: Float[Tensor, "d_model d_vocab"],
-    logit_positions: Int[Tensor, " logit_pos"] | None,
-    top: Hooks,
-) -> Float[Tensor, "batch logit_pos d_vocab"]:
-    """The last residual stream through the final norm and the unembedding, at `logit_positions`
-    (default every position); `top` is the hooks outside any layer."""
-    x = top(HookPoint.RESID_FINAL, x)
-    if logit_positions is not None:
-        x = x[:, logit_positions]
-    return top(HookPoint.LOGITS, ln_f(x, top) @ unembed)
 
 
 # --- attention ---------------------------------------------------------------------------------
