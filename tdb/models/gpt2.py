@@ -51,9 +51,12 @@ class Block(nn.Module):
         c = config
         self.ln_1 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN1_SCALE)
         score_scale = 1.0 / math.sqrt(c.d_head)
-        if c.scale_attn_by_inverse_layer_idx:
+        if c.scale_attn_by_inverse_layer_idx:  # some GPT-2s shrink deeper layers' scores
             score_scale /= layer + 1
-        self.attn = Attention(c.d_model, c.n_head, c.n_head, c.d_head, None, score_scale)
+        # No rotary embedding: GPT-2's positions are in the residual stream (W_pos).
+        self.attn = Attention(
+            c.d_model, c.n_head, c.n_head, c.d_head, rope=None, score_scale=score_scale
+        )
         self.ln_2 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN2_SCALE)
         self.mlp = MLP(c.d_model, c.d_mlp, ACTIVATIONS[c.activation])
         self.mlp_input = HookPoint.RESID_MID
