@@ -8,7 +8,8 @@ rotary or not), and the plain and gated MLPs. Each model file puts them together
 Every piece calls the same hook points at the same meaning in every architecture (see
 `tdb.hooks`), so the capture and the metrics need no special case per architecture. Weights are
 stored in the shapes the math uses: `W_Q[head, d_model, d_head]`, `W_O[head, d_head, d_model]`,
-`W_out[d_mlp, d_model]`."""
+`W_out[d_mlp, d_model]`.
+"""
 
 from __future__ import annotations
 
