@@ -5,7 +5,8 @@ A checkpoint is a directory with `config.json` and `model.safetensors` (or the s
 `model.safetensors.index.json`, or `pytorch_model.bin`, read with `torch.load(weights_only=True)`),
 plus `tokenizer.json` when there is one. A bare name such as `gpt2` is looked up in the local
 Hugging Face cache; nothing is ever downloaded. `ARCHITECTURES` maps config.json's `model_type`
-to how its config is read, how its weights are converted to our layout, and which model runs it.
+to how its config is read, how its weights are converted to our layout, and which model runs it;
+those conversions live with each model, at the bottom of its file in `tdb/models/`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.models import llama, neox
+from tdb.models import gpt2, llama, neox
 from tdb.models.base import TransformerModel
-from tdb.models.gpt2 import GPT2, GPT2Config
 from tdb.models.hf import HFConfig
-from tdb.models.layers import ACTIVATIONS
 from tdb.tokens import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "checkpoint"
@@ -84,29 +83,8 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     )
 
 
-def config_from_gpt2(hf: HFConfig) -> GPT2Config:
-    activation = hf.text("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
-        raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
-    if not hf.flag("scale_attn_weights", True):
-        raise hf.error("scale_attn_weights=false is not supported")
-    d_model = hf.integer("n_embd")
-    return GPT2Config(
-        d_vocab=hf.integer("vocab_size"),
-        n_ctx=hf.integer("n_positions"),
-        d_model=d_model,
-        n_layer=hf.integer("n_layer"),
-        n_head=hf.integer("n_head"),
-        d_mlp=hf.integer("n_inner", 4 * d_model),
-        layer_norm_eps=hf.number("layer_norm_epsilon", 1e-5),
-        tie_unembed=hf.flag("tie_word_embeddings", True),
-        activation=activation,
-        scale_attn_by_inverse_layer_idx=hf.flag("scale_attn_by_inverse_layer_idx", False),
-    )
-
-
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint as float32, GPT-2's `transformer.` prefix dropped."""
+    """Every tensor of the checkpoint, by its name there, as float32."""
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
         weights = load_file(str(directory / "model.safetensors"))
@@ -126,61 +104,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise TdbError(
             f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
-    return {k.removeprefix("transformer."): v.float() for k, v in weights.items()}
-
-
-def state_dict_from_gpt2(
-    hf: dict[str, torch.Tensor], config: GPT2Config
-) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 weights (Conv1D: y = x @ W + b) -> our per-head layout."""
-    h, d, dh = config.n_head, config.d_model, config.d_head
-    out = {"W_E": hf["wte.weight"], "W_pos": hf["wpe.weight"]}
-    out |= {"ln_f.w": hf["ln_f.weight"], "ln_f.b": hf["ln_f.bias"]}
-    if not config.tie_unembed:
-        out["W_U"] = hf["lm_head.weight"].T
-    for layer in range(config.n_layer):
-        src, dst = f"h.{layer}.", f"blocks.{layer}."
-        for ln in ("ln_1", "ln_2"):
-            out[dst + ln + ".w"] = hf[src + ln + ".weight"]
-            out[dst + ln + ".b"] = hf[src + ln + ".bias"]
-        w_qkv = hf[src + "attn.c_attn.weight"].reshape(d, 3, h, dh)  # [d_model qkv head d_head]
-        b_qkv = hf[src + "attn.c_attn.bias"].reshape(3, h, dh)
-        for i, name in enumerate("QKV"):
-            out[f"{dst}attn.W_{name}"] = w_qkv[:, i].permute(1, 0, 2)  # [head d_model d_head]
-            out[f"{dst}attn.b_{name}"] = b_qkv[i]
-        out[dst + "attn.W_O"] = hf[src + "attn.c_proj.weight"].reshape(h, dh, d)
-        out[dst + "attn.b_O"] = hf[src + "attn.c_proj.bias"]
-        out[dst + "mlp.W_in"] = hf[src + "mlp.c_fc.weight"]
-        out[dst + "mlp.b_in"] = hf[src + "mlp.c_fc.bias"]
-        out[dst + "mlp.W_out"] = hf[src + "mlp.c_proj.weight"]
-        out[dst + "mlp.b_out"] = hf[src + "mlp.c_proj.bias"]
-    return out
-
-
-def state_dict_to_hf(model: GPT2) -> dict[str, torch.Tensor]:
-    """Our layout -> Hugging Face GPT-2 weights (the inverse of `state_dict_from_gpt2`)."""
-    c = model.config
-    ours = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {"transformer.wte.weight": ours["W_E"], "transformer.wpe.weight": ours["W_pos"]}
-    out |= {"transformer.ln_f.weight": ours["ln_f.w"], "transformer.ln_f.bias": ours["ln_f.b"]}
-    if not c.tie_unembed:
-        out["lm_head.weight"] = ours["W_U"].T
-    for layer in range(c.n_layer):
-        src, dst = f"blocks.{layer}.", f"transformer.h.{layer}."
-        for ln in ("ln_1", "ln_2"):
-            out[dst + ln + ".weight"] = ours[src + ln + ".w"]
-            out[dst + ln + ".bias"] = ours[src + ln + ".b"]
-        w_qkv = torch.stack([ours[f"{src}attn.W_{n}"].permute(1, 0, 2) for n in "QKV"], dim=1)
-        out[dst + "attn.c_attn.weight"] = w_qkv.reshape(c.d_model, 3 * c.d_model)
-        b_qkv = torch.stack([ours[f"{src}attn.b_{n}"] for n in "QKV"])  # [qkv head d_head]
-        out[dst + "attn.c_attn.bias"] = b_qkv.reshape(3 * c.d_model)
-        out[dst + "attn.c_proj.weight"] = ours[src + "attn.W_O"].reshape(c.d_model, c.d_model)
-        out[dst + "attn.c_proj.bias"] = ours[src + "attn.b_O"]
-        out[dst + "mlp.c_fc.weight"] = ours[src + "mlp.W_in"]
-        out[dst + "mlp.c_fc.bias"] = ours[src + "mlp.b_in"]
-        out[dst + "mlp.c_proj.weight"] = ours[src + "mlp.W_out"]
-        out[dst + "mlp.c_proj.bias"] = ours[src + "mlp.b_out"]
-    return out
+    return {k: v.float() for k, v in weights.items()}
 
 
 ConfigT = TypeVar("ConfigT")
@@ -213,7 +137,7 @@ class Architecture(Generic[ConfigT]):
 
 # config.json's model_type -> architecture. Adding one: docs/architectures.md.
 ARCHITECTURES: dict[str, Architecture[Any]] = {
-    "gpt2": Architecture(config_from_gpt2, state_dict_from_gpt2, GPT2),
+    "gpt2": Architecture(gpt2.config_from_gpt2, gpt2.state_dict_from_hf, gpt2.GPT2),
     "llama": Architecture(llama.config_from_llama, llama.state_dict_from_hf, llama.Llama),
     "qwen2": Architecture(llama.config_from_qwen2, llama.state_dict_from_hf, llama.Llama),
     "mistral": Architecture(llama.config_from_mistral, llama.state_dict_from_hf, llama.Llama),
@@ -250,29 +174,14 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     return LoadedModel(model, Tokenizer.from_dir(directory, d_vocab), name, directory)
 
 
-def save_checkpoint(model: GPT2, directory: Path, dtype: torch.dtype = torch.float32) -> None:
+def save_checkpoint(model: gpt2.GPT2, directory: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write `config.json` + `model.safetensors` in the Hugging Face GPT-2 layout.
 
     >>> save_checkpoint(model, Path("out"), dtype=torch.float16)
     """
-    c = model.config
     directory.mkdir(parents=True, exist_ok=True)
-    hf_config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": c.d_vocab,
-        "n_positions": c.n_ctx,
-        "n_embd": c.d_model,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": c.d_mlp,
-        "layer_norm_epsilon": c.layer_norm_eps,
-        "activation_function": c.activation,
-        "tie_word_embeddings": c.tie_unembed,
-        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    }
+    hf_config = gpt2.config_to_hf(model.config)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in state_dict_to_hf(model).items()}
+    weights = gpt2.state_dict_to_hf(model)
+    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in weights.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

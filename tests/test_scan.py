@@ -465,8 +465,8 @@ def test_the_component_page_renders_its_heatmaps_in_a_browser(
 def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    from tdb.scan.checkpoints import open_out, shard_files
-    from tdb.scan.run import Checkpoint
+    from tdb.scan.out_folder import open_out, shard_files
+    from tdb.scan.run import ShardMerge
     from tdb.scan.shard import scan_shard
     from tdb.scan.sources import model_sources
     from tdb.scan.windows import shards
@@ -477,11 +477,11 @@ def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
     cut = list(shards(read_corpus(corpus_file), loaded.tokenizer, WINDOW, s.shard_windows))
     parts = [scan_shard(loaded.model, sources, shard, s).to_arrays() for shard in cut[:3]]
     open_out(tmp_path, {"test": True})
-    first = Checkpoint.open(tmp_path, names, K)
+    first = ShardMerge.open(tmp_path, names, K)
     first.add(2, parts[2])  # finished early: waits as a file
     first.add(0, parts[0])  # continues the prefix: merged into the state
     assert (first.prefix, shard_files(tmp_path)) == (1, [2])
-    again = Checkpoint.open(tmp_path, names, K)  # as after a kill
+    again = ShardMerge.open(tmp_path, names, K)  # as after a kill
     assert [again.has(i) for i in range(3)] == [True, False, True]
     again.add(1, parts[1])
     assert (again.prefix, shard_files(tmp_path)) == (3, [])

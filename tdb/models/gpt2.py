@@ -5,22 +5,23 @@
     logits = ln_f(x) @ W_U
 
 Weights are stored in the shapes the math uses (per head `W_Q[head, d_model, d_head]`, MLP
-`W_out[d_mlp, d_model]`), so derived scalars index them directly. `tdb.checkpoint` converts from
-and to the Hugging Face layout.
+`W_out[d_mlp, d_model]`), so derived scalars index them directly. `config_from_gpt2` and
+`state_dict_from_hf` (at the bottom) read Hugging Face checkpoints for `tdb.checkpoint.load_model`;
+`config_to_hf` and `state_dict_to_hf` write them for `tdb.checkpoint.save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
-from tdb.models.layers import ACTIVATIONS, MLP, LayerNorm, final_logits, sequential_block
+from tdb.models.hf import HFConfig
+from tdb.models.layers import ACTIVATIONS, MLP, Attention, LayerNorm, causal_mask
 
 
 @dataclass(frozen=True)
@@ -44,63 +45,20 @@ class GPT2Config:
         return self.d_model // self.n_head
 
 
-class Attention(nn.Module):
-    def __init__(self, config: GPT2Config, layer: int) -> None:
-        super().__init__()
-        h, d, dh = config.n_head, config.d_model, config.d_head
-        self.W_Q = nn.Parameter(torch.empty(h, d, dh))
-        self.W_K = nn.Parameter(torch.empty(h, d, dh))
-        self.W_V = nn.Parameter(torch.empty(h, d, dh))
-        self.b_Q = nn.Parameter(torch.zeros(h, dh))
-        self.b_K = nn.Parameter(torch.zeros(h, dh))
-        self.b_V = nn.Parameter(torch.zeros(h, dh))
-        self.W_O = nn.Parameter(torch.empty(h, dh, d))
-        self.b_O = nn.Parameter(torch.zeros(d))
-        self.score_scale = 1.0 / math.sqrt(dh)
-        if config.scale_attn_by_inverse_layer_idx:
-            self.score_scale /= layer + 1
-
-    def forward(
-        self,
-        x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
-        hooks: Hooks,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        q = hooks(HookPoint.Q, torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k = hooks(HookPoint.K, torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
-        v = hooks(HookPoint.V, torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
-        logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
-        logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
-        logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = hooks(HookPoint.ATTN_PROBS, logits.softmax(dim=-1))
-        z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
-
-    def head_logit(
-        self,
-        x_query: Float[Tensor, " d_model"],
-        x_key: Float[Tensor, " d_model"],
-        head: int,
-        query_pos: int,
-        key_pos: int,
-    ) -> Float[Tensor, ""]:
-        """One head's attention logit from the (normalised) query and key residual streams
-        (GPT-2's positions are in the residual stream already: the positions are unused)."""
-        q = x_query @ self.W_Q[head] + self.b_Q[head]
-        k = x_key @ self.W_K[head] + self.b_K[head]
-        return (q @ k) * self.score_scale
-
-    def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
-        return x_key @ self.W_V[head] + self.b_V[head]
-
-
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN1_SCALE)
-        self.attn = Attention(config, layer)
-        self.ln_2 = LayerNorm(config.d_model, config.layer_norm_eps, HookPoint.LN2_SCALE)
-        self.mlp = MLP(config.d_model, config.d_mlp, ACTIVATIONS[config.activation])
+        c = config
+        self.ln_1 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN1_SCALE)
+        score_scale = 1.0 / math.sqrt(c.d_head)
+        if c.scale_attn_by_inverse_layer_idx:  # some GPT-2s shrink deeper layers' scores
+            score_scale /= layer + 1
+        # No rotary embedding: GPT-2's positions are in the residual stream (W_pos).
+        self.attn = Attention(
+            c.d_model, c.n_head, c.n_head, c.d_head, rope=None, score_scale=score_scale
+        )
+        self.ln_2 = LayerNorm(c.d_model, c.layer_norm_eps, HookPoint.LN2_SCALE)
+        self.mlp = MLP(c.d_model, c.d_mlp, ACTIVATIONS[c.activation])
         self.mlp_input = HookPoint.RESID_MID
 
     def forward(
@@ -109,8 +67,11 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, mask=mask, hooks=hooks)
-        return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
+        x = hooks(HookPoint.RESID_PRE, x)
+        x = x + hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), mask, hooks))
+        x = hooks(HookPoint.RESID_MID, x)
+        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+        return hooks(HookPoint.RESID_POST, x)
 
 
 class GPT2(nn.Module):
@@ -172,13 +133,117 @@ class GPT2(nn.Module):
         batch, n_pos = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=tokens.device).tril()[None]
-        mask = causal if attention_mask is None else causal & attention_mask
+        mask = causal_mask(n_pos, None, attention_mask, tokens.device)
 
-        top = hooks.at_layer(None)
+        top = hooks.at_layer(None)  # the hooks outside any layer
         token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
         pos_embed = top(HookPoint.POS_EMBED, self.W_pos[position_ids])
         x = top(HookPoint.RESID_EMBED, token_embed + pos_embed)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, hooks.at_layer(layer))
-        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
+        x = top(HookPoint.RESID_FINAL, x)
+        if logit_positions is not None:
+            x = x[:, logit_positions]  # [batch logit_pos d_model]
+        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+
+
+# --- Hugging Face checkpoints ------------------------------------------------------------------
+
+
+def config_from_gpt2(hf: HFConfig) -> GPT2Config:
+    activation = hf.text("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
+    if not hf.flag("scale_attn_weights", True):
+        raise hf.error("scale_attn_weights=false is not supported")
+    d_model = hf.integer("n_embd")
+    return GPT2Config(
+        d_vocab=hf.integer("vocab_size"),
+        n_ctx=hf.integer("n_positions"),
+        d_model=d_model,
+        n_layer=hf.integer("n_layer"),
+        n_head=hf.integer("n_head"),
+        d_mlp=hf.integer("n_inner", 4 * d_model),
+        layer_norm_eps=hf.number("layer_norm_epsilon", 1e-5),
+        tie_unembed=hf.flag("tie_word_embeddings", True),
+        activation=activation,
+        scale_attn_by_inverse_layer_idx=hf.flag("scale_attn_by_inverse_layer_idx", False),
+    )
+
+
+def config_to_hf(config: GPT2Config) -> dict[str, object]:
+    """The `config.json` of a Hugging Face GPT-2 checkpoint (the inverse of `config_from_gpt2`)."""
+    c = config
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": c.d_vocab,
+        "n_positions": c.n_ctx,
+        "n_embd": c.d_model,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.d_mlp,
+        "layer_norm_epsilon": c.layer_norm_eps,
+        "activation_function": c.activation,
+        "tie_word_embeddings": c.tie_unembed,
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+
+
+def state_dict_from_hf(hf: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:
+    """Hugging Face GPT-2 weights (Conv1D: y = x @ W + b) -> our per-head layout."""
+    # transformers saves the body under `transformer.`; the original GPT-2 files do not.
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    h, d, dh = config.n_head, config.d_model, config.d_head
+    out = {"W_E": hf["wte.weight"], "W_pos": hf["wpe.weight"]}
+    out |= {"ln_f.w": hf["ln_f.weight"], "ln_f.b": hf["ln_f.bias"]}
+    if not config.tie_unembed:
+        out["W_U"] = hf["lm_head.weight"].T
+    for layer in range(config.n_layer):
+        src, dst = f"h.{layer}.", f"blocks.{layer}."
+        for ln in ("ln_1", "ln_2"):
+            out[dst + ln + ".w"] = hf[src + ln + ".weight"]
+            out[dst + ln + ".b"] = hf[src + ln + ".bias"]
+        w_qkv = hf[src + "attn.c_attn.weight"].reshape(d, 3, h, dh)  # [d_model qkv head d_head]
+        b_qkv = hf[src + "attn.c_attn.bias"].reshape(3, h, dh)  # [qkv head d_head]
+        for i, name in enumerate("QKV"):
+            out[f"{dst}attn.W_{name}"] = w_qkv[:, i].permute(1, 0, 2)  # [head d_model d_head]
+            out[f"{dst}attn.b_{name}"] = b_qkv[i]
+        w_o = hf[src + "attn.c_proj.weight"]  # [head*d_head d_model]
+        out[dst + "attn.W_O"] = w_o.reshape(h, dh, d)  # [head d_head d_model]
+        out[dst + "attn.b_O"] = hf[src + "attn.c_proj.bias"]
+        out[dst + "mlp.W_in"] = hf[src + "mlp.c_fc.weight"]  # [d_model d_mlp]
+        out[dst + "mlp.b_in"] = hf[src + "mlp.c_fc.bias"]
+        out[dst + "mlp.W_out"] = hf[src + "mlp.c_proj.weight"]  # [d_mlp d_model]
+        out[dst + "mlp.b_out"] = hf[src + "mlp.c_proj.bias"]
+    return out
+
+
+def state_dict_to_hf(model: GPT2) -> dict[str, Tensor]:
+    """Our layout -> Hugging Face GPT-2 weights (the inverse of `state_dict_from_hf`)."""
+    c = model.config
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"transformer.wte.weight": ours["W_E"], "transformer.wpe.weight": ours["W_pos"]}
+    out |= {"transformer.ln_f.weight": ours["ln_f.w"], "transformer.ln_f.bias": ours["ln_f.b"]}
+    if not c.tie_unembed:
+        out["lm_head.weight"] = ours["W_U"].T
+    for layer in range(c.n_layer):
+        src, dst = f"blocks.{layer}.", f"transformer.h.{layer}."
+        for ln in ("ln_1", "ln_2"):
+            out[dst + ln + ".weight"] = ours[src + ln + ".w"]
+            out[dst + ln + ".bias"] = ours[src + ln + ".b"]
+        # [d_model qkv head d_head], flattened to [d_model 3*d_model]
+        w_qkv = torch.stack([ours[f"{src}attn.W_{n}"].permute(1, 0, 2) for n in "QKV"], dim=1)
+        out[dst + "attn.c_attn.weight"] = w_qkv.reshape(c.d_model, 3 * c.d_model)
+        b_qkv = torch.stack([ours[f"{src}attn.b_{n}"] for n in "QKV"])  # [qkv head d_head]
+        out[dst + "attn.c_attn.bias"] = b_qkv.reshape(3 * c.d_model)
+        # [head d_head d_model] -> [head*d_head d_model]
+        out[dst + "attn.c_proj.weight"] = ours[src + "attn.W_O"].reshape(c.d_model, c.d_model)
+        out[dst + "attn.c_proj.bias"] = ours[src + "attn.b_O"]
+        out[dst + "mlp.c_fc.weight"] = ours[src + "mlp.W_in"]
+        out[dst + "mlp.c_fc.bias"] = ours[src + "mlp.b_in"]
+        out[dst + "mlp.c_proj.weight"] = ours[src + "mlp.W_out"]
+        out[dst + "mlp.c_proj.bias"] = ours[src + "mlp.b_out"]
+    return out

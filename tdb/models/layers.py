@@ -1,13 +1,14 @@
 """Pieces shared by the architectures: activations, LayerNorm, RMSNorm, rotary position
-embeddings, the causal (optionally sliding-window) mask, the pre-norm block and the final logits,
-grouped-query attention, and the plain and gated MLPs.
+embeddings, the causal (optionally sliding-window) mask, multi-head attention (grouped-query,
+rotary or not), and the plain and gated MLPs. Each model file puts them together in its block.
 
     >>> rotary = Rotary.at(position_ids, RopeConfig(theta=10000.0, rotary_dim=64))
-    >>> out = attn(ln_1(x, hooks), rotary, causal_mask(n_pos, None, None, x.device), hooks)
+    >>> out = attn(ln_1(x, hooks), causal_mask(n_pos, None, None, x.device), hooks, rotary)
 
-Every piece calls the same hook points GPT-2 does at the same meaning (see `tdb.hooks`), so the
-capture and the metrics need no special case per architecture. Weights are stored in the shapes
-the math uses: `W_Q[head, d_model, d_head]`, `W_O[head, d_head, d_model]`, `W_out[d_mlp, d_model]`.
+Every piece calls the same hook points at the same meaning in every architecture (see
+`tdb.hooks`), so the capture and the metrics need no special case per architecture. Weights are
+stored in the shapes the math uses: `W_Q[head, d_model, d_head]`, `W_O[head, d_head, d_model]`,
+`W_out[d_mlp, d_model]`.
 """
 
 from __future__ import annotations
@@ -165,54 +166,27 @@ def causal_mask(
     return allowed[None] if attention_mask is None else allowed[None] & attention_mask
 
 
-Sublayer = Callable[[Tensor, Hooks], Tensor]  # a norm or an MLP: f(x, hooks)
-
-
-def sequential_block(
-    x: Float[Tensor, "batch pos d_model"],
-    attend: Callable[[Tensor], Tensor],
-    ln_1: Sublayer,
-    ln_2: Sublayer,
-    mlp: Sublayer,
-    hooks: Hooks,
-) -> Float[Tensor, "batch pos d_model"]:
-    """A pre-norm block: attention, then the MLP, each adding its write to the residual stream
-    (`attend` is the block's attention on the normalised stream, its mask and positions bound)."""
-    x = hooks(HookPoint.RESID_PRE, x)
-    x = x + hooks(HookPoint.ATTN_OUT, attend(ln_1(x, hooks)))
-    x = hooks(HookPoint.RESID_MID, x)
-    x = x + hooks(HookPoint.MLP_OUT, mlp(ln_2(x, hooks), hooks))
-    return hooks(HookPoint.RESID_POST, x)
-
-
-def final_logits(
-    x: Float[Tensor, "batch pos d_model"],
-    ln_f: Sublayer,
-    unembed: Float[Tensor, "d_model d_vocab"],
-    logit_positions: Int[Tensor, " logit_pos"] | None,
-    top: Hooks,
-) -> Float[Tensor, "batch logit_pos d_vocab"]:
-    """The last residual stream through the final norm and the unembedding, at `logit_positions`
-    (default every position); `top` is the hooks outside any layer."""
-    x = top(HookPoint.RESID_FINAL, x)
-    if logit_positions is not None:
-        x = x[:, logit_positions]
-    return top(HookPoint.LOGITS, ln_f(x, top) @ unembed)
-
-
 # --- attention ---------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
-    """Rotary multi-head attention with `n_kv_head` key/value heads shared by groups of
+    """Multi-head attention with `n_kv_head` key/value heads shared by groups of
     `n_head // n_kv_head` query heads (grouped-query; n_kv_head = n_head is plain multi-head).
+    Rotary when `rope` is given; without (GPT-2) positions are in the residual stream already.
 
     K and V are hooked per query head (the shared heads repeated), so every hook point and every
     metric sees `n_head` ordinary heads, and a hook may change one query head's key alone.
+    Scores are q · k · `score_scale`, by default 1 / sqrt(d_head).
     """
 
     def __init__(
-        self, d_model: int, n_head: int, n_kv_head: int, d_head: int, rope: RopeConfig
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        d_head: int,
+        rope: RopeConfig | None,
+        score_scale: float | None = None,
     ) -> None:
         super().__init__()
         if n_head % n_kv_head:
@@ -226,33 +200,37 @@ class Attention(nn.Module):
         self.W_O = normal(n_head, d_head, d_model)
         self.b_O = zeros(d_model)
         self.group = n_head // n_kv_head
-        self.score_scale = 1.0 / math.sqrt(d_head)
+        self.score_scale = 1.0 / math.sqrt(d_head) if score_scale is None else score_scale
         self.rope = rope  # the forward pass gets its rotations ready-made; head_logit needs this
 
     def per_query_head(
         self, x: Float[Tensor, "batch pos kv_head d_head"]
     ) -> Float[Tensor, "batch pos head d_head"]:
+        if self.group == 1:
+            return x
         return x.repeat_interleave(self.group, dim=2)  # query head h reads kv head h // group
 
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        rotary: Rotary,
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
+        rotary: Rotary | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q  # [batch pos head d_head]
         k = torch.einsum("bpd,gde->bpge", x, self.W_K) + self.b_K  # [batch pos kv_head d_head]
         v = torch.einsum("bpd,gde->bpge", x, self.W_V) + self.b_V  # [batch pos kv_head d_head]
-        q = hooks(HookPoint.Q, rotary.rotate(q))
-        k = hooks(HookPoint.K, self.per_query_head(rotary.rotate(k)))
+        if rotary is not None:
+            q, k = rotary.rotate(q), rotary.rotate(k)
+        q = hooks(HookPoint.Q, q)
+        k = hooks(HookPoint.K, self.per_query_head(k))
         v = hooks(HookPoint.V, self.per_query_head(v))
         logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
         logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
         probs = hooks(HookPoint.ATTN_PROBS, logits.softmax(dim=-1))
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
 
     def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
         """One query head's value from the (normalised) key residual stream."""
@@ -268,10 +246,12 @@ class Attention(nn.Module):
         key_pos: int,
     ) -> Float[Tensor, ""]:
         """One head's attention logit from the (normalised) query and key residual streams at
-        token positions `query_pos` and `key_pos` (the rotation depends on them)."""
+        token positions `query_pos` and `key_pos` (the rotation, if any, depends on them)."""
         kv_head = head // self.group
         q = x_query @ self.W_Q[head] + self.b_Q[head]  # [d_head]
         k = x_key @ self.W_K[kv_head] + self.b_K[kv_head]
+        if self.rope is None:
+            return (q @ k) * self.score_scale
         positions = torch.tensor([[query_pos, key_pos]], device=q.device)  # [batch=1 pos=2]
         rotary = Rotary.at(positions, self.rope)
         qk = rotary.rotate(torch.stack([q, k])[None, :, None])[0, :, 0]  # [2 d_head]

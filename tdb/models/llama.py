@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -31,9 +30,7 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
-    final_logits,
     normal,
-    sequential_block,
 )
 
 
@@ -86,8 +83,11 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
-        return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
+        x = hooks(HookPoint.RESID_PRE, x)
+        x = x + hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), mask, hooks, rotary))
+        x = hooks(HookPoint.RESID_MID, x)
+        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+        return hooks(HookPoint.RESID_POST, x)
 
 
 class Llama(nn.Module):
@@ -131,13 +131,16 @@ class Llama(nn.Module):
         windows = {self.config.window(layer) for layer in range(self.config.n_layer)}
         masks = {w: causal_mask(n_pos, w, attention_mask, tokens.device) for w in windows}
 
-        top = hooks.at_layer(None)
+        top = hooks.at_layer(None)  # the hooks outside any layer
         token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
         x = top(HookPoint.RESID_EMBED, token_embed * self.config.embed_scale)
         for layer, block in enumerate(self.blocks):
             mask = masks[self.config.window(layer)]
             x = block(x, rotary, mask, hooks.at_layer(layer))
-        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
+        x = top(HookPoint.RESID_FINAL, x)
+        if logit_positions is not None:
+            x = x[:, logit_positions]  # [batch logit_pos d_model]
+        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------

@@ -13,7 +13,6 @@ Only the first `rotary_dim` dims of each head turn (Pythia: a quarter). `config_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -29,9 +28,7 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
-    final_logits,
     normal,
-    sequential_block,
 )
 
 
@@ -79,16 +76,16 @@ class Block(nn.Module):
         mask: Bool[Tensor, "batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
-        attend = partial(self.attn, rotary=rotary, mask=mask, hooks=hooks)
-        if not self.parallel:
-            return sequential_block(x, attend, self.ln_1, self.ln_2, self.mlp, hooks)
-        # Both read the block's input. RESID_MID (input + attention's write) is what the stream
-        # would hold between them; nothing in the block reads it.
         x = hooks(HookPoint.RESID_PRE, x)
-        attn_out = hooks(HookPoint.ATTN_OUT, attend(self.ln_1(x, hooks)))
-        mlp_out = hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+        attn_out = hooks(HookPoint.ATTN_OUT, self.attn(self.ln_1(x, hooks), mask, hooks, rotary))
+        if self.parallel:  # x = x + attn(ln_1(x)) + mlp(ln_2(x)): both read the block's input
+            mlp_out = hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+            # RESID_MID is what the stream would hold between the two; nothing here reads it.
+            x = hooks(HookPoint.RESID_MID, x + attn_out)
+            return hooks(HookPoint.RESID_POST, x + mlp_out)
         x = hooks(HookPoint.RESID_MID, x + attn_out)
-        return hooks(HookPoint.RESID_POST, x + mlp_out)
+        x = x + hooks(HookPoint.MLP_OUT, self.mlp(self.ln_2(x, hooks), hooks))
+        return hooks(HookPoint.RESID_POST, x)
 
 
 class NeoX(nn.Module):
@@ -131,12 +128,15 @@ class NeoX(nn.Module):
         rotary = Rotary.at(position_ids, self.config.rope)
         mask = causal_mask(n_pos, None, attention_mask, tokens.device)
 
-        top = hooks.at_layer(None)
+        top = hooks.at_layer(None)  # the hooks outside any layer
         token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
         x = top(HookPoint.RESID_EMBED, token_embed)
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, mask, hooks.at_layer(layer))
-        return final_logits(x, self.ln_f, self.unembed, logit_positions, top)
+        x = top(HookPoint.RESID_FINAL, x)
+        if logit_positions is not None:
+            x = x[:, logit_positions]  # [batch logit_pos d_model]
+        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------
@@ -185,12 +185,14 @@ def state_dict_from_hf(hf: dict[str, Tensor], config: NeoXConfig) -> dict[str, T
         for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
             out[f"{dst}{ours}.w"] = hf[f"{src}{theirs}.weight"]
             out[f"{dst}{ours}.b"] = hf[f"{src}{theirs}.bias"]
-        w_qkv = hf[src + "attention.query_key_value.weight"].reshape(h, 3, dh, d)
-        b_qkv = bias(src + "attention.query_key_value.bias", h, 3, dh)
+        w_qkv = hf[src + "attention.query_key_value.weight"]  # [head*qkv*d_head d_model]
+        w_qkv = w_qkv.reshape(h, 3, dh, d)  # [head qkv d_head d_model]
+        b_qkv = bias(src + "attention.query_key_value.bias", h, 3, dh)  # [head qkv d_head]
         for i, name in enumerate("QKV"):
             out[f"{dst}attn.W_{name}"] = w_qkv[:, i].transpose(1, 2)  # [head d_model d_head]
             out[f"{dst}attn.b_{name}"] = b_qkv[:, i]  # [head d_head]
-        out[dst + "attn.W_O"] = hf[src + "attention.dense.weight"].T.reshape(h, dh, d)
+        w_o = hf[src + "attention.dense.weight"]  # [d_model head*d_head]
+        out[dst + "attn.W_O"] = w_o.T.reshape(h, dh, d)  # [head d_head d_model]
         out[dst + "attn.b_O"] = bias(src + "attention.dense.bias", d)
         out[dst + "mlp.W_in"] = hf[src + "mlp.dense_h_to_4h.weight"].T  # [d_model d_mlp]
         out[dst + "mlp.b_in"] = hf[src + "mlp.dense_h_to_4h.bias"]

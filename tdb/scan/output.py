@@ -189,7 +189,7 @@ def write_results(
     window: int,
 ) -> None:
     """Write examples.parquet and stats.parquet into `out`, each by rename from a temporary."""
-    from tdb.scan.checkpoints import EXAMPLES, STATS
+    from tdb.scan.out_folder import EXAMPLES, STATS
 
     keys = [
         _window_key(e.doc_id.numpy(), e.start.numpy())[e.doc_id.numpy() != EMPTY_DOC]

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse
 
 from tdb.errors import TdbError
 from tdb.nodes import LatentSite, NodeType
-from tdb.scan.checkpoints import EXAMPLES, STATS, read_manifest
+from tdb.scan.out_folder import EXAMPLES, STATS, read_manifest
 from tdb.scan.schemas import Component, ComponentStats, Example
 
 

@@ -3,7 +3,7 @@
     >>> result = scan(Path("corpus.txt"), Path("out"), ScanSettings(k=20, window=64))
     >>> result.n_tokens, result.out / "examples.parquet"
 
-Shards are checkpointed as they finish (see `checkpoints`); the result is always the fold of
+Shards are checkpointed as they finish (see `out_folder`); the result is always the fold of
 all shard checkpoints in shard order, so an in-process run, a Ray run and a run resumed after a
 kill write exactly the same records.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.errors import TdbError
 from tdb.sae import AttachedSae
-from tdb.scan import checkpoints
+from tdb.scan import out_folder
 from tdb.scan.corpus import corpus_fingerprint, count_documents, read_corpus
 from tdb.scan.output import write_results
 from tdb.scan.partial import Bounds, ScanPartial
@@ -73,9 +73,9 @@ class InProcess:
             done(shard, partial.to_arrays())
 
 
-class Checkpoint:
+class ShardMerge:
     """The merged prefix of finished shards plus finished shards waiting for their turn; every
-    change is on disk before `add` returns (see `checkpoints`)."""
+    change is on disk before `add` returns (see `out_folder`)."""
 
     def __init__(self, out: Path, names: list[str], k: int) -> None:
         self.out, self.names, self.k = out, names, k
@@ -84,18 +84,18 @@ class Checkpoint:
         self.waiting: dict[int, ScanPartial] = {}
 
     @staticmethod
-    def open(out: Path, names: list[str], k: int) -> Checkpoint:
-        checkpoint = Checkpoint(out, names, k)
-        saved = checkpoints.load_state(out, names)
+    def open(out: Path, names: list[str], k: int) -> ShardMerge:
+        merge = ShardMerge(out, names, k)
+        saved = out_folder.load_state(out, names)
         if saved is not None:
-            checkpoint.state, checkpoint.prefix = saved
-        for index in checkpoints.shard_files(out):
-            if index < checkpoint.prefix:  # merged already; killed before its file was deleted
-                checkpoints.shard_path(out, index).unlink()
+            merge.state, merge.prefix = saved
+        for index in out_folder.shard_files(out):
+            if index < merge.prefix:  # merged already; killed before its file was deleted
+                out_folder.shard_path(out, index).unlink()
             else:
-                checkpoint.waiting[index] = checkpoints.load_shard(out, index, names)
-        checkpoint.advance()
-        return checkpoint
+                merge.waiting[index] = out_folder.load_shard(out, index, names)
+        merge.advance()
+        return merge
 
     def has(self, index: int) -> bool:
         return index < self.prefix or index in self.waiting
@@ -103,7 +103,7 @@ class Checkpoint:
     def add(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         partial = ScanPartial.from_arrays(arrays, self.names)
         if index != self.prefix:
-            checkpoints.save_shard(self.out, index, arrays)
+            out_folder.save_shard(self.out, index, arrays)
         self.waiting[index] = partial
         self.advance()
 
@@ -118,7 +118,7 @@ class Checkpoint:
                 self.state.absorb_(partial)
             self.prefix += 1
         if self.prefix != start and self.state is not None:
-            checkpoints.save_state(self.out, self.state, self.prefix)
+            out_folder.save_state(self.out, self.state, self.prefix)
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def scan(
         "corpus_fingerprint": corpus_fingerprint(corpus),
         "sources": names,
     }
-    manifest = checkpoints.open_out(out, identity)
+    manifest = out_folder.open_out(out, identity)
     if manifest.get("complete"):
         return ScanResult(
             out,
@@ -190,7 +190,7 @@ def scan(
             shards_run=0,
         )
 
-    checkpoint = Checkpoint.open(out, names, settings.k)
+    merge = ShardMerge.open(out, names, settings.k)
     n_shards = 0
     ran = 0
     kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0"))
@@ -202,21 +202,21 @@ def scan(
         )
         for shard in tokenized:
             n_shards = shard.index + 1
-            if checkpoint.has(shard.index):
+            if merge.has(shard.index):
                 progress.docs(shard.n_docs)
                 continue
             yield shard
 
     def done(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
         nonlocal ran
-        checkpoint.add(shard.index, arrays)
+        merge.add(shard.index, arrays)
         progress.docs(shard.n_docs)
         ran += 1
         if ran == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def bounds() -> Bounds | None:
-        return None if checkpoint.state is None else checkpoint.state.bounds()
+        return None if merge.state is None else merge.state.bounds()
 
     progress.start(count_documents(corpus))
     try:
@@ -229,9 +229,9 @@ def scan(
     finally:
         progress.stop()
 
-    if checkpoint.prefix != n_shards:
-        raise RuntimeError(f"shards {checkpoint.prefix}..{n_shards - 1} were not all scanned")
-    total = checkpoint.state or ScanPartial.empty(sources, settings.k, settings.window)
+    if merge.prefix != n_shards:
+        raise RuntimeError(f"shards {merge.prefix}..{n_shards - 1} were not all scanned")
+    total = merge.state or ScanPartial.empty(sources, settings.k, settings.window)
     write_results(out, total, sources, corpus, loaded.tokenizer, settings.window)
     manifest |= {
         "complete": True,
@@ -241,6 +241,6 @@ def scan(
         "n_tokens": total.n_tokens,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    checkpoints.write_manifest(out, manifest)
-    checkpoints.drop_state(out)  # the result holds everything now; a re-run stops at `complete`
+    out_folder.write_manifest(out, manifest)
+    out_folder.drop_state(out)  # the result holds everything now; a re-run stops at `complete`
     return ScanResult(out, n_shards, total.n_docs, total.n_windows, total.n_tokens, ran)

@@ -1,4 +1,5 @@
-"""The output folder of a scan, and its checkpoints: what makes a scan resumable.
+"""The output folder of a scan: its files, its manifest, and the saved state that makes a scan
+resumable.
 
     DIR/scan.json                settings, corpus fingerprint, and (once finished) totals
     DIR/state.npz                the merged partial result of shards 0..n-1 (a prefix)
