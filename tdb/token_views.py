@@ -3,7 +3,7 @@ prompt tokens excite a neuron, and where (per token) the estimated total effect 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -56,6 +56,69 @@ def logit_view(
     }
 
 
+# What one node writes into the residual stream on a prompt, computed explicitly: one function
+# per node type (the metrics compute the same writes for whole layers at once, tdb.metrics).
+WriteVector = Callable[
+    [TransformerModel, Sequence[int], NodeIndex, Sequence[AttachedSae]], Float[Tensor, " d_model"]
+]
+
+
+def embedding_write(
+    model: TransformerModel, tokens: Sequence[int], node: NodeIndex, saes: Sequence[AttachedSae]
+) -> Tensor:
+    """Token + position embedding at the token."""
+    location = target_location(node)
+    return record(model, [tokens], {location})[location][0][node.token]
+
+
+def head_write(
+    model: TransformerModel, tokens: Sequence[int], node: NodeIndex, saes: Sequence[AttachedSae]
+) -> Tensor:
+    """p[query, key] · v[key] @ W_O[head], summed over keys when the node is a head at a query
+    for all keys (value bias included, output bias not)."""
+    assert node.layer is not None
+    sites: set[tuple[HookPoint, int | None]] = {
+        (HookPoint.ATTN_PROBS, node.layer),
+        (HookPoint.V, node.layer),
+    }
+    recorded = record(model, [tokens], sites)
+    probs = recorded[(HookPoint.ATTN_PROBS, node.layer)][0]  # [head query_pos key_pos]
+    v = recorded[(HookPoint.V, node.layer)][0]  # [pos head d_head]
+    W_O = model.block(node.layer).attn.W_O[node.index]  # [d_head d_model]
+    keys = list(range(node.token + 1)) if node.key_token is None else [node.key_token]
+    weights = probs[node.index, node.token, keys]  # [key]
+    return (weights[:, None] * v[keys, node.index]).sum(dim=0) @ W_O
+
+
+def neuron_write(
+    model: TransformerModel, tokens: Sequence[int], node: NodeIndex, saes: Sequence[AttachedSae]
+) -> Tensor:
+    """a · W_out[neuron]."""
+    assert node.layer is not None
+    location = target_location(node)
+    post = record(model, [tokens], {location})[location][0]  # [pos d_mlp]
+    return post[node.token, node.index] * model.block(node.layer).mlp.W_out[node.index]
+
+
+def latent_write(
+    model: TransformerModel, tokens: Sequence[int], node: NodeIndex, saes: Sequence[AttachedSae]
+) -> Tensor:
+    """z · the latent's write direction (tdb.latents.write_directions)."""
+    assert node.site is not None and node.layer is not None
+    attached = check_saes(saes, model.config)[(node.site, node.layer)]
+    location = target_location(node)
+    z = record(model, [tokens], {location}, saes)[location][0]  # [pos d_sae]
+    return z[node.token, node.index] * write_directions(model, attached)[node.index]
+
+
+WRITE_VECTORS: dict[NodeType, WriteVector] = {
+    NodeType.EMBEDDING: embedding_write,
+    NodeType.ATTENTION_HEAD: head_write,
+    NodeType.MLP_NEURON: neuron_write,
+    NodeType.AUTOENCODER_LATENT: latent_write,
+}
+
+
 def write_vector(
     model: TransformerModel,
     tokens: Sequence[int],
@@ -64,30 +127,7 @@ def write_vector(
 ) -> Float[Tensor, " d_model"]:
     """What the node writes into the residual stream on this prompt, computed explicitly
     (`saes`: the attached SAEs, for latents)."""
-    location = target_location(node)  # where the node's activation lives
-    if node.node_type is NodeType.AUTOENCODER_LATENT:
-        assert node.site is not None and node.layer is not None
-        attached = check_saes(saes, model.config)[(node.site, node.layer)]
-        z = record(model, [tokens], {location}, saes)[location][0]
-        return z[node.token, node.index] * write_directions(model, attached)[node.index]
-    if node.node_type is NodeType.EMBEDDING:
-        return record(model, [tokens], {location})[location][0][node.token]
-    assert node.layer is not None
-    if node.node_type is NodeType.MLP_NEURON:
-        post = record(model, [tokens], {location})[location][0]
-        return post[node.token, node.index] * model.block(node.layer).mlp.W_out[node.index]
-    sites: set[tuple[HookPoint, int | None]] = {
-        (HookPoint.ATTN_PROBS, node.layer),
-        (HookPoint.V, node.layer),
-    }
-    recorded = record(model, [tokens], sites)
-    probs, v = (
-        recorded[(HookPoint.ATTN_PROBS, node.layer)][0],
-        recorded[(HookPoint.V, node.layer)][0],
-    )
-    W_O = model.block(node.layer).attn.W_O[node.index]
-    keys = range(node.token + 1) if node.key_token is None else [node.key_token]
-    return sum(probs[node.index, node.token, k] * v[k, node.index] @ W_O for k in keys)  # type: ignore[return-value]
+    return WRITE_VECTORS[node.node_type](model, tokens, node, saes)
 
 
 def node_view(

@@ -70,6 +70,17 @@ def load_vector(path: str | Path, d_model: int) -> Tensor:
     return vector.float()
 
 
+def trace_ids(node: NodeIndex) -> dict[str, str]:
+    """The traces a node offers, by name: a head at a (query, key) pair through each of
+    q, k, qk, v; a neuron or a latent through its pre-activation (`"pre"`); else none. The page
+    offers these ids as they are (ids are printed by Python only)."""
+    if node.node_type is NodeType.ATTENTION_HEAD and node.key_token is not None:
+        return {mode: f"{node.id}:{mode}" for mode in TRACE_MODES}
+    if node.node_type in (NodeType.MLP_NEURON, NodeType.AUTOENCODER_LATENT):
+        return {"pre": node.id}
+    return {}
+
+
 def parse_trace(text: str) -> tuple[NodeIndex, str | None]:
     """`h1.2@9:3:q` -> (node, "q"); `n1.5@3` -> (node, None)."""
     head, _, mode = text.rpartition(":")

@@ -172,6 +172,11 @@ class NodeRow(BaseModel):
     component: str | None = Field(
         description="the component's page (its top dataset examples), null for embeddings"
     )
+    traces: dict[str, str] = Field(
+        default_factory=dict,
+        description="the trace ids this node offers (`trace`): q, k, qk, v for a head at a "
+        "(query, key) pair, pre for a neuron or a latent",
+    )
     values: dict[str, float | None] = Field(
         description="one entry per column (`columns`); null where the value is undefined"
     )

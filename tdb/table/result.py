@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tdb.direction import Direction
+from tdb.direction.parse import trace_ids
 from tdb.metrics import Group, is_signed
 from tdb.nodes import NodeIndex, NodeType, component_link, node_label
 from tdb.verify import Verified
@@ -134,6 +135,7 @@ class NodeTable:
                     "index": node.index,
                     "name": self.node_name(node),
                     "component": component_link(node),
+                    "traces": trace_ids(node),
                     "values": values,
                 }
                 | values

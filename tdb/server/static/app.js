@@ -385,20 +385,18 @@ function nodeActions(node) {
     actions.push(button("ablate", `zero-ablate ${node.id} and run again`,
       () => setState({ ablate: [...state.ablate, node.id] })));
   }
-  if (node.node_type === "attention_head") {
-    for (const through of ["q", "k", "qk", "v"]) {
-      actions.push(button(`trace ${through}`, `explain the attention logit of ${node.id} through ${through}`,
-        () => {
-          const trace = `${node.id}:${through}`;
-          // Through the value, the head's write is projected on the downstream gradient: that of
-          // the node traced now, if any, else the direction of interest.
-          const downstream = through === "v" && state.trace && !state.trace.endsWith(":v") ? state.trace : "";
-          setState({ trace, downstream });
-        }));
-    }
-  } else if (node.node_type === "mlp_neuron") {
-    actions.push(button("trace", `explain the pre-activation of ${node.id}`,
-      () => setState({ trace: node.id, downstream: "" })));
+  // The trace ids come from the server (ids are printed by Python only): q, k, qk, v for a
+  // head at a (query, key) pair, "pre" for a neuron or a latent.
+  for (const [through, trace] of Object.entries(node.traces || {})) {
+    const label = through === "pre" ? "trace" : `trace ${through}`;
+    const title = through === "pre" ? `explain the pre-activation of ${node.id}`
+      : `explain the attention logit of ${node.id} through ${through}`;
+    actions.push(button(label, title, () => {
+      // Through the value, the head's write is projected on the downstream gradient: that of
+      // the node traced now, if any, else the direction of interest.
+      const downstream = through === "v" && state.trace && !state.trace.endsWith(":v") ? state.trace : "";
+      setState({ trace, downstream });
+    }));
   }
   if (!state.view.includes(node.id)) {
     actions.push(button("views", `tokens ${node.id} promotes and suppresses`,
