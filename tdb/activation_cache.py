@@ -17,18 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.hooks import NO_HOOKS, OUTSIDE_LAYERS, HookFn, HookPoint, Hooks, compose, position_axes
+from tdb.hooks import (
+    NO_HOOKS,
+    OUTSIDE_LAYERS,
+    HookFn,
+    HookPoint,
+    Hooks,
+    Patch,
+    compose,
+    position_axes,
+)
 from tdb.models.base import TransformerModel
 from tdb.tokens import Tokenizer
 
-# One prompt is text or token ids; a batch is a list of either (or a [batch pos] tensor).
-Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | Tensor
+# One prompt is text or token ids (a list, a [pos] tensor or array); a batch is a list of prompts
+# (or a [batch pos] tensor or array).
+Prompt = str | Sequence[int] | Tensor | np.ndarray
+Prompts = Prompt | Sequence[Prompt]
 # The points to cache (at every layer), by name or HookPoint.
 CachePoints = Iterable[HookPoint | str]
 # Hooks by point name, one function or several (run in order) per point; or a `Hooks`.
@@ -94,7 +107,13 @@ class ActivationCache:
         return self.values[checked]
 
     def __contains__(self, key: object) -> bool:
-        return key in self.values
+        point, layer = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+        if not isinstance(point, HookPoint | str) or not isinstance(layer, int | None):
+            return False
+        try:
+            return self.key(point, layer) in self.values
+        except TdbError:
+            return False
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self.values)
@@ -190,28 +209,23 @@ def run_with_cache(
 
 def prompt_tokens(tokenizer: Tokenizer, prompts: Prompts, n_ctx: int) -> list[list[int]]:
     """Each prompt's token ids, checked: not empty, within the vocabulary and the context."""
-    if isinstance(prompts, Tensor):
-        if prompts.ndim not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
-            raise TdbError(
-                f"prompts: a tensor of token ids must be [pos] or [batch pos] integers, "
-                f"got {prompts.dtype} {list(prompts.shape)}"
-            )
-        prompts = prompts.tolist()
-    batch: list[str | Sequence[int]]
-    if isinstance(prompts, str) or (prompts and all(_is_id(t) for t in prompts)):
-        batch = [prompts]  # type: ignore[list-item]  # one prompt: text or ids
-    elif isinstance(prompts, Sequence) and prompts:
-        batch = list(prompts)  # type: ignore[arg-type]
+    given = _as_list(prompts, "prompts")
+    batch: list[object]
+    if isinstance(given, str) or (
+        isinstance(given, Sequence) and given and all(_is_id(t) for t in given)
+    ):
+        batch = [given]  # one prompt: text or ids
+    elif isinstance(given, Sequence) and given:
+        batch = list(given)
     else:
         raise TdbError(
             f"prompts: expected text, a list of texts, token ids or a list of token id lists, "
-            f"got {prompts!r}"
+            f"got {given!r}"
         )
     token_lists = []
     for i, prompt in enumerate(batch):
         what = f"prompts[{i}]"
-        if isinstance(prompt, Tensor):
-            prompt = prompt.tolist() if prompt.ndim == 1 else [prompt]
+        prompt = _as_list(prompt, what)
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt)
         elif isinstance(prompt, Sequence) and all(_is_id(t) for t in prompt):
@@ -226,8 +240,26 @@ def prompt_tokens(tokenizer: Tokenizer, prompts: Prompts, n_ctx: int) -> list[li
     return token_lists
 
 
+def _as_list(x: object, what: str) -> object:
+    """A torch or numpy array of token ids as (nested) lists; anything else as it is."""
+    if not isinstance(x, Tensor | np.ndarray):
+        return x
+    if x.ndim not in (1, 2) or x.dtype in (torch.bool, np.bool_) or not _is_integer_dtype(x):
+        raise TdbError(
+            f"{what}: an array of token ids must be [pos] or [batch pos] integers, "
+            f"got {x.dtype} {list(x.shape)}"
+        )
+    return x.tolist()
+
+
+def _is_integer_dtype(x: Tensor | np.ndarray) -> bool:
+    if isinstance(x, Tensor):
+        return not (x.is_floating_point() or x.is_complex())
+    return np.issubdtype(x.dtype, np.integer)
+
+
 def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, Integral) and not isinstance(value, bool)  # numpy ints too
 
 
 def as_hooks(hooks: HooksArg | None) -> Hooks:
@@ -247,5 +279,7 @@ def as_hooks(hooks: HooksArg | None) -> Hooks:
                 raise TdbError(
                     f"hooks[{name!r}]: expected fn(tensor, layer) or a list of them, got {fn!r}"
                 )
+            if isinstance(fn, Patch) and fn.point != point:
+                raise TdbError(f"hooks[{name!r}]: {fn.name} patches {fn.point.value}, not {point}")
             combined = compose(combined, Hooks({point: fn}))
     return combined

@@ -143,13 +143,39 @@ def _chain(a: HookFn, b: HookFn) -> HookFn:
     return both
 
 
+@dataclass(frozen=True)
+class Patch:
+    """The hook `patch` returns: at `point` of `layer`, `source` where `where` is True. It knows
+    its point, so `loaded.run` can refuse it under another point's key."""
+
+    point: HookPoint
+    layer: int | None
+    source: Tensor  # [batch ...] the cached activation (batch 1 or the run's batch)
+    where: Tensor  # bool, broadcastable to `source`
+
+    def __call__(self, x: Tensor, layer: int | None) -> Tensor | None:
+        if layer != self.layer:
+            return None
+        if self.source.shape[1:] != x.shape[1:] or self.source.shape[0] not in (1, x.shape[0]):
+            raise TdbError(
+                f"{self.name}: the cache holds {list(self.source.shape)} but this run has "
+                f"{list(x.shape)}: patch between prompts of the same token count"
+            )
+        source = self.source.to(x.device, x.dtype)
+        return torch.where(self.where.to(x.device), source, x)
+
+    @property
+    def name(self) -> str:
+        return f"patch({self.point.value!r}, {self.layer})"
+
+
 def patch(
     cache: ActivationCache,
     point: HookPoint | str,
     layer: int | None,
     positions: int | Sequence[int] | None = None,
     heads: int | Sequence[int] | None = None,
-) -> HookFn:
+) -> Patch:
     """A hook that replaces `point` at `layer` with the value `cache` holds for it: at every
     position and head, or only at `positions` (attention patterns: query positions) and `heads`.
 
@@ -157,24 +183,12 @@ def patch(
     >>> loaded.run(corrupted_prompt, hooks={"resid_pre": patch(clean.cache, "resid_pre", 1, [9])})
 
     The cached run and the patched one must have the same token count; a cache of one prompt
-    patches every prompt of a batch. Use it at the same point it was made for.
+    patches every prompt of a batch.
     """
     point, layer = cache.key(point, layer)
     source = cache[point, layer]
     what = f"patch({point.value!r}, {layer})"
-    where = _selection(source.shape, point, positions, heads, what)
-
-    def replace(x: Tensor, at_layer: int | None) -> Tensor | None:
-        if at_layer != layer:
-            return None
-        if source.shape[1:] != x.shape[1:] or source.shape[0] not in (1, x.shape[0]):
-            raise TdbError(
-                f"{what}: the cache holds {list(source.shape)} but this run has "
-                f"{list(x.shape)}: patch between prompts of the same token count"
-            )
-        return torch.where(where.to(x.device), source.to(x.device, x.dtype), x)
-
-    return replace
+    return Patch(point, layer, source, _selection(source.shape, point, positions, heads, what))
 
 
 def _selection(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint
@@ -42,7 +43,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT2LMHeadModel, Loa
     return make_checkpoint(directory), load_model(directory)
 
 
-def assert_batch_equals_one_at_a_time(loaded: LoadedModel, prompts: list[str] | list[list[int]]):  # type: ignore[no-untyped-def]
+def assert_batch_equals_one_at_a_time(
+    loaded: LoadedModel, prompts: list[str] | list[list[int]]
+) -> None:
     batch = loaded.run(prompts, cache=list(HookPoint))
     assert batch.tokens.shape == (len(prompts), max(batch.lengths))
     for i, prompt in enumerate(prompts):
@@ -99,6 +102,7 @@ def test_inputs_text_ids_and_tensors(pair: tuple[GPT2LMHeadModel, LoadedModel]) 
     assert loaded.run(PROMPTS[0]).logits.equal(loaded.run(ids[0]).logits)
     assert loaded.run(torch.tensor(ids[0])).logits.equal(loaded.run(ids[0]).logits)
     assert loaded.run([torch.tensor(i) for i in ids]).logits.equal(by_text)
+    assert loaded.run([np.array(i) for i in ids]).logits.equal(by_text)  # numpy ids
     result = loaded.run(PROMPTS[1])
     assert result.lengths == (len(ids[1]),) and result.logits.shape[:2] == (1, len(ids[1]))
 
@@ -117,6 +121,9 @@ def test_cache_keys_names_and_layers(pair: tuple[GPT2LMHeadModel, LoadedModel]) 
         32,
     )
     assert cache["attn_probs", 0].shape[:2] == (3, 4)
+    assert ("resid_pre", -1) in cache and (HookPoint.RESID_FINAL, None) in cache
+    assert "resid_final" in cache and "resid_pre" not in cache and ("mlp_out", 0) not in cache
+    assert ("resid_pre", 9) not in cache and ("nope", 0) not in cache and 3 not in cache
 
 
 def test_hooks_run_before_the_cache_and_in_order(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> None:
@@ -182,9 +189,12 @@ def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel])
     cases = [
         (lambda: loaded.run(PROMPTS, cache=["resid"]), "cache: unknown hook point 'resid'"),
         (lambda: loaded.run(PROMPTS, hooks={"resdi_pre": print}), "hooks: unknown hook point"),
-        (lambda: loaded.run(PROMPTS, hooks={"resid_pre": 3}), "hooks['resid_pre']: expected fn"),  # type: ignore[dict-item]
+        (lambda: loaded.run(PROMPTS, hooks={"resid_pre": 3}), "hooks['resid_pre']: expected fn"),
         (lambda: loaded.run(["a", ""]), "prompts[1]: '' has no tokens"),
         (lambda: loaded.run([]), "prompts: expected text"),
+        (lambda: loaded.run(5), "prompts: expected text"),
+        (lambda: loaded.run(torch.zeros(3)), "prompts: an array of token ids must be"),
+        (lambda: loaded.run([[1, 2], np.ones(2)]), "prompts[1]: an array of token ids must be"),
         (
             lambda: loaded.run(" John" * 65),
             "prompts[0]: 65 tokens, more than the model's context of 64",
@@ -193,7 +203,7 @@ def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel])
             lambda: loaded.run([[1, 2], [3, 400]]),
             "prompts[1]: token id 400 is outside the vocabulary",
         ),
-        (lambda: loaded.run([1, [2]]), "prompts[0]: expected text or a list of token ids"),  # type: ignore[list-item]
+        (lambda: loaded.run([1, [2]]), "prompts[0]: expected text or a list of token ids"),
         (
             lambda: result.cache["resid_pre", 2],
             "cache['resid_pre', 2]: layer 2 is out of range: 2 layers",
@@ -215,6 +225,10 @@ def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel])
         (
             lambda: patch(result.cache, "resid_pre", 7),
             "cache['resid_pre', 7]: layer 7 is out of range",
+        ),
+        (
+            lambda: loaded.run(PROMPTS, hooks={"resid_mid": patch(result.cache, "resid_pre", 1)}),
+            "hooks['resid_mid']: patch('resid_pre', 1) patches resid_pre, not resid_mid",
         ),
     ]
     for call, message in cases:
