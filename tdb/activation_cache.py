@@ -158,7 +158,7 @@ class RunResult:
         """Prompt `index` alone: batch of one, no padding (as if it had been run by itself)."""
         n = len(self.lengths)
         if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
-            raise TdbError(f"prompt: index {index!r} is out of range for {n} prompts")
+            raise TdbError(f"prompt({index!r}): out of range for {n} prompts")
         index %= n
         length = self.lengths[index]
         return RunResult(
@@ -244,7 +244,7 @@ def _as_list(x: object, what: str) -> object:
     """A torch or numpy array of token ids as (nested) lists; anything else as it is."""
     if not isinstance(x, Tensor | np.ndarray):
         return x
-    if x.ndim not in (1, 2) or x.dtype in (torch.bool, np.bool_) or not _is_integer_dtype(x):
+    if x.ndim not in (1, 2) or not _is_integer_dtype(x):
         raise TdbError(
             f"{what}: an array of token ids must be [pos] or [batch pos] integers, "
             f"got {x.dtype} {list(x.shape)}"
@@ -254,8 +254,8 @@ def _as_list(x: object, what: str) -> object:
 
 def _is_integer_dtype(x: Tensor | np.ndarray) -> bool:
     if isinstance(x, Tensor):
-        return not (x.is_floating_point() or x.is_complex())
-    return np.issubdtype(x.dtype, np.integer)
+        return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    return bool(np.issubdtype(x.dtype, np.integer))  # numpy's bool is not an integer type
 
 
 def _is_id(value: object) -> bool:

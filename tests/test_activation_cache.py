@@ -56,7 +56,7 @@ def assert_batch_equals_one_at_a_time(
         assert set(from_batch.cache) == set(alone.cache)
         assert len(alone.cache) > 10 * loaded.model.config.n_layer  # every point the model has
         for key in alone.cache:
-            got, want = from_batch.cache.values[key], alone.cache.values[key]
+            got, want = from_batch.cache[key], alone.cache[key]  # OUTSIDE_LAYERS is right
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(key))
         torch.testing.assert_close(batch.last_logits[i], alone.logits[0, -1], rtol=1e-5, atol=1e-5)
 
@@ -194,6 +194,7 @@ def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel])
         (lambda: loaded.run([]), "prompts: expected text"),
         (lambda: loaded.run(5), "prompts: expected text"),
         (lambda: loaded.run(torch.zeros(3)), "prompts: an array of token ids must be"),
+        (lambda: loaded.run(torch.ones(3, dtype=torch.bool)), "prompts: an array of token ids"),
         (lambda: loaded.run([[1, 2], np.ones(2)]), "prompts[1]: an array of token ids must be"),
         (
             lambda: loaded.run(" John" * 65),
@@ -216,7 +217,7 @@ def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel])
             "cache['mlp_out', 0]: not cached (this run cached resid_final, resid_pre)",
         ),
         (lambda: result.cache["nope", 0], "cache['nope', 0]: unknown hook point 'nope'"),
-        (lambda: result.prompt(3), "prompt: index 3 is out of range for 3 prompts"),
+        (lambda: result.prompt(3), "prompt(3): out of range for 3 prompts"),
         (
             lambda: patch(result.cache, "resid_pre", 1, heads=0),
             "patch('resid_pre', 1): heads= needs",
