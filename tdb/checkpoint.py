@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tdb.activation_cache import CachePoints, HooksArg, Prompts, RunResult, run_with_cache
 from tdb.errors import TdbError
 from tdb.models import gpt2, llama, neox
 from tdb.models.base import TransformerModel
@@ -43,6 +44,19 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     path: Path
+
+    def run(
+        self,
+        prompts: Prompts,
+        cache: CachePoints = (),
+        hooks: HooksArg | None = None,
+    ) -> RunResult:
+        """Logits and the `cache` points' activations of a batch of prompts (docs/python.md).
+
+        >>> result = loaded.run(["When Mary and John went", "Hi"], cache=["resid_pre"])
+        >>> result.cache["resid_pre", 1]  # [batch pos d_model], right-padded
+        """
+        return run_with_cache(self.model, self.tokenizer, prompts, cache=cache, hooks=hooks)
 
 
 def hf_cache_dirs() -> list[Path]:

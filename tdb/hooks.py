@@ -6,15 +6,24 @@ two threads may run the same model with different hooks. Nothing has to be remov
 
 A hook is `fn(tensor, layer) -> tensor | None`: it may keep a reference (capture), register a
 gradient hook on the tensor, or return a replacement (ablation, freezing a layer-norm scale).
+`patch(cache, point, layer, ...)` is the hook that replaces an activation with the one another run
+cached (docs/python.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
+
+from tdb.errors import TdbError
+
+if TYPE_CHECKING:
+    from tdb.activation_cache import ActivationCache
 
 
 class HookPoint(StrEnum):
@@ -52,6 +61,36 @@ class HookPoint(StrEnum):
     ATTN_OUT_LATENTS = "attn_out_latents"  # [batch pos d_sae]
     MLP_POST_LATENTS = "mlp_post_latents"  # [batch pos d_sae]
     MLP_OUT_LATENTS = "mlp_out_latents"  # [batch pos d_sae]
+
+
+# The points called once per forward pass, outside the layers (their hooks get layer None).
+OUTSIDE_LAYERS = frozenset(
+    {
+        HookPoint.TOKEN_EMBED,
+        HookPoint.POS_EMBED,
+        HookPoint.RESID_EMBED,
+        HookPoint.RESID_FINAL,
+        HookPoint.LN_FINAL_SCALE,
+        HookPoint.LOGITS,
+    }
+)
+
+
+def position_axes(point: HookPoint) -> tuple[int, ...]:
+    """The token-position axes of `point`'s tensor: (query_pos, key_pos) for attention logits and
+    probabilities, (pos,) for everything else (`LOGITS` too: `run` computes every position)."""
+    if point in (HookPoint.ATTN_LOGITS, HookPoint.ATTN_PROBS):
+        return (2, 3)
+    return (1,)
+
+
+def head_axis(point: HookPoint) -> int | None:
+    """The head axis of `point`'s tensor, or None where it has none."""
+    if point in (HookPoint.ATTN_LOGITS, HookPoint.ATTN_PROBS):
+        return 1
+    if point in (HookPoint.Q, HookPoint.K, HookPoint.V, HookPoint.ATTN_Z):
+        return 2
+    return None
 
 
 HookFn = Callable[[Tensor, int | None], Tensor | None]
@@ -102,3 +141,81 @@ def _chain(a: HookFn, b: HookFn) -> HookFn:
         return x if out is None else out
 
     return both
+
+
+@dataclass(frozen=True)
+class Patch:
+    """The hook `patch` returns: at `point` of `layer`, `source` where `where` is True. It knows
+    its point, so `loaded.run` can refuse it under another point's key."""
+
+    point: HookPoint
+    layer: int | None
+    source: Tensor  # [batch ...] the cached activation (batch 1 or the run's batch)
+    where: Tensor  # bool, broadcastable to `source`
+
+    def __call__(self, x: Tensor, layer: int | None) -> Tensor | None:
+        if layer != self.layer:
+            return None
+        if self.source.shape[1:] != x.shape[1:] or self.source.shape[0] not in (1, x.shape[0]):
+            raise TdbError(
+                f"{self.name}: the cache holds {list(self.source.shape)} but this run has "
+                f"{list(x.shape)}: patch between prompts of the same token count"
+            )
+        source = self.source.to(x.device, x.dtype)
+        return torch.where(self.where.to(x.device), source, x)
+
+    @property
+    def name(self) -> str:
+        return f"patch({self.point.value!r}, {self.layer})"
+
+
+def patch(
+    cache: ActivationCache,
+    point: HookPoint | str,
+    layer: int | None,
+    positions: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+) -> Patch:
+    """A hook that replaces `point` at `layer` with the value `cache` holds for it: at every
+    position and head, or only at `positions` (attention patterns: query positions) and `heads`.
+
+    >>> clean = loaded.run(clean_prompt, cache=[HookPoint.RESID_PRE])
+    >>> loaded.run(corrupted_prompt, hooks={"resid_pre": patch(clean.cache, "resid_pre", 1, [9])})
+
+    The cached run and the patched one must have the same token count; a cache of one prompt
+    patches every prompt of a batch.
+    """
+    point, layer = cache.key(point, layer)
+    source = cache[point, layer]
+    what = f"patch({point.value!r}, {layer})"
+    return Patch(point, layer, source, _selection(source.shape, point, positions, heads, what))
+
+
+def _selection(
+    shape: torch.Size,
+    point: HookPoint,
+    positions: int | Sequence[int] | None,
+    heads: int | Sequence[int] | None,
+    what: str,
+) -> Tensor:
+    """True where `patch` replaces: a bool tensor broadcastable to `shape`."""
+    where = torch.ones([1] * len(shape), dtype=torch.bool)
+    axes = [(position_axes(point)[0], positions, "positions"), (head_axis(point), heads, "heads")]
+    for axis, chosen, name in axes:
+        if chosen is None:
+            continue
+        if axis is None:
+            raise TdbError(
+                f"{what}: heads= needs a point with a head axis (q, k, v, attn_z, "
+                f"attn_logits, attn_probs), not {point.value}"
+            )
+        size = shape[axis]
+        indices = [chosen] if isinstance(chosen, int) else list(chosen)
+        if not indices or any(not -size <= i < size for i in indices):
+            raise TdbError(f"{what}: {name}={chosen!r} must be indices in 0..{size - 1}")
+        line = torch.zeros(size, dtype=torch.bool)
+        line[torch.tensor(indices)] = True
+        view = [1] * len(shape)
+        view[axis] = size
+        where = where & line.view(view)
+    return where
