@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from tdb.table.request import NodeRequest
 
 E = TypeVar("E", bound=Enum)
-GROUP_NAMES = "activation, write_norm, direct_effect, act_times_grad"
-NODE_TYPE_NAMES = "embedding, attention_head, mlp_neuron, autoencoder_latent"
 
 
 def parse_ids(text: str, flag: str) -> list[int]:
@@ -109,18 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument(
         "--groups",
         metavar="METRIC,...",
-        help=f"the metrics (columns) to compute, comma-separated (default all: {GROUP_NAMES})",
+        help="the metrics (columns) to compute, comma-separated (default: all of them; "
+        "docs/node-table.md lists them)",
     )
     nodes.add_argument(
         "--node-types",
         metavar="TYPE,...",
-        help=f"show only these node types, comma-separated ({NODE_TYPE_NAMES})",
+        help="show only these node types, comma-separated (e.g. attention_head,mlp_neuron)",
     )
     nodes.add_argument(
         "--sort",
         metavar="METRIC",
         help="order rows by this metric, largest first (signed metrics by magnitude) instead "
-        "of the top-k's order",
+        "of the top-k's order (e.g. direct_effect)",
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")

@@ -383,9 +383,10 @@ def parse_target(text: str) -> Target:
         node = parse_node_id(text + "@0")  # a component's id is its nodes' without the token
     except TdbError:
         raise TdbError(
-            f"{text!r} is not a node id ({', '.join(s.grammar for s in NODE_SPECS.values())}), "
-            "a component id (h<layer>.<head>, n<layer>.<neuron>, a<a|p|m><layer>.<latent>: "
-            "every position) or a layer's output (m<layer>, a<layer>: every position)"
+            f"node id {text!r} is not one of: "
+            f"{', '.join(s.grammar for s in NODE_SPECS.values())}; nor a component id "
+            "(h<layer>.<head>, n<layer>.<neuron>, a<a|p|m><layer>.<latent>: every position) or "
+            "a layer's output (m<layer>, a<layer>: every position)"
         ) from None
     assert node.layer is not None
     return ComponentIndex(node.node_type, node.layer, node.index, node.site)

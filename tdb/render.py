@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tdb.metrics import is_signed
 from tdb.table import NodeTable, Verification
 
 
@@ -53,9 +54,10 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
     for i, node in enumerate(table.nodes):
         grid.add_row(node.id, table.node_name(node), *[f"{c[i]:.4f}" for _, c in order])
     console.print(grid)
+    signed = ", ".join(g.value for g in table.groups if is_signed(g)) or "none"
     console.print(
         f"[dim]{len(table.nodes)} nodes: per metric and node type the top {table.k} "
-        "(and bottom for direct_effect, act_times_grad); union in first-seen order[/dim]"
+        f"(and bottom for {signed}); union in first-seen order[/dim]"
     )
     if table.verification is not None:
         print_verification(table.verification, console)
