@@ -237,15 +237,11 @@ class NodeTableResponse(BaseModel):
     )
 
 
-class ViewsResponse(BaseModel):
+class ViewsResponse(TokenViews):
+    """The prompt's tokens, the direction, and the token views' fields."""
+
     tokens: list[TokenOut]
     direction: Direction
-    logits: LogitView
-    effect_by_token: dict[str, list[float | None]] = Field(
-        description="per prompt token, sums of act_times_grad: embedding, mlp, "
-        "attention_from (by query token), attention_to (by key token)"
-    )
-    nodes: list[NodeView]
 
 
 class NodesItem(Strict):

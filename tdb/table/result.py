@@ -125,15 +125,8 @@ class NodeTable:
         for i, node in enumerate(self.nodes):
             values = {name: finite(column[i]) for name, column in columns.items()}
             rows.append(
-                {
-                    "id": node.id,
-                    "node_type": node.node_type.value,
-                    "layer": node.layer,
-                    "token": node.token,
-                    "key_token": node.key_token,
-                    "site": None if node.site is None else node.site.value,
-                    "index": node.index,
-                    "name": self.node_name(node),
+                self.identity(node)
+                | {
                     "component": component_link(node),
                     "traces": trace_ids(node),
                     "values": values,
@@ -190,7 +183,12 @@ class NodeTable:
         return pd.DataFrame(rows, columns=columns)
 
     def _frame_row(self, i: int, node: NodeIndex) -> dict[str, object]:
-        row: dict[str, object] = {
+        values = {name: column[i] for name, column in self.column_values().items()}
+        return self.identity(node) | values
+
+    def identity(self, node: NodeIndex) -> dict[str, Json]:
+        """Which node a row is: id, node type, coordinates, and the name a person reads."""
+        return {
             "id": node.id,
             "node_type": node.node_type.value,
             "layer": node.layer,
@@ -200,7 +198,6 @@ class NodeTable:
             "index": node.index,
             "name": self.node_name(node),
         }
-        return row | {name: column[i] for name, column in self.column_values().items()}
 
 
 def tokens_json(ids: Sequence[int], texts: Sequence[str]) -> list[dict[str, Json]]:
