@@ -201,16 +201,11 @@ def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
 
 def parse_choices(text: str | None, flag: str, enum: type[E]) -> list[E] | None:
     """`"a,b"` -> [enum("a"), enum("b")], or a TdbError naming the flag and what is allowed."""
+    from tdb.table.request import member
+
     if text is None:
         return None
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            out.append(enum(part))
-        except ValueError:
-            allowed = ", ".join(e.value for e in enum)
-            raise TdbError(f"{flag}: {part!r} is not one of {allowed}") from None
-    return out
+    return [member(enum, part.strip(), flag) for part in text.split(",")]
 
 
 def nodes_request(args: argparse.Namespace) -> NodeRequest:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 from tdb.ablation import Ablation, AblationKind, parse_ablation
 from tdb.errors import TdbError
@@ -25,6 +27,7 @@ Prompt = str | Sequence[int]  # text, or token ids
 TokenSpec = str | int  # a token as text (one token) or as its id
 Tokens = TokenSpec | Sequence[TokenSpec]  # one or several (several: their mean)
 
+E = TypeVar("E", bound=Enum)
 MLP_NODE_CHOICES = ("neurons", "latents", "both")
 ATTN_NODE_CHOICES = ("heads", "latents", "both")
 
@@ -90,7 +93,7 @@ class NodeRequest:
             raise TdbError(f"-k must be >= 0, got {self.k}")
         if self.verify < 0:
             raise TdbError(f"--verify must be >= 0, got {self.verify}")
-        groups = [g if g in METRIC_SPECS else Group(g) for g in self.groups]
+        groups = [g if g in METRIC_SPECS else member(Group, g, "--groups") for g in self.groups]
         if not groups:
             raise TdbError(f"--groups: give at least one of {', '.join(g.value for g in Group)}")
         if len(set(groups)) != len(groups):
@@ -116,7 +119,9 @@ class NodeRequest:
             self,
             groups=tuple(groups),
             sort=None if self.sort is None else groups[groups.index(self.sort)],
-            node_types=None if self.node_types is None else tuple(map(NodeType, self.node_types)),
+            node_types=None
+            if self.node_types is None
+            else tuple(member(NodeType, t, "--node-types") for t in self.node_types),
             ablations=ablations,
         )
 
@@ -129,6 +134,15 @@ class NodeRequest:
     @property
     def wants_views(self) -> bool:
         return self.views or bool(self.view_nodes)
+
+
+def member(enum: type[E], value: object, what: str) -> E:
+    """`enum(value)`, or a TdbError naming the field and what is allowed."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in enum)
+        raise TdbError(f"{what}: {value!r} is not one of {allowed}") from None
 
 
 def second_prompt_fields(
