@@ -63,7 +63,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
         q = hooks(HookPoint.Q, torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
@@ -106,7 +106,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
         attend = partial(self.attn, mask=mask, hooks=hooks)

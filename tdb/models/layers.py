@@ -152,9 +152,9 @@ class Rotary:
 def causal_mask(
     n_pos: int,
     window: int | None,
-    attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None,
+    attention_mask: Bool[Tensor, "#batch query_pos key_pos"] | None,
     device: torch.device,
-) -> Bool[Tensor, "batch query_pos key_pos"]:
+) -> Bool[Tensor, "#batch query_pos key_pos"]:
     """True where a query may attend: keys at or before it, and (sliding window) fewer than
     `window` tokens back; combined with the caller's `attention_mask` (True = may attend)."""
     query = torch.arange(n_pos, device=device)[:, None]
@@ -238,7 +238,7 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         rotary: Rotary,
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
         q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q  # [batch pos head d_head]
