@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 from tdb.ablation import Ablation, ablation_hooks
 from tdb.capture import direction_value
-from tdb.checkpoint import LoadedModel, load_model
+from tdb.checkpoint import LoadedModel
 from tdb.demo.data import heldout_induction_sequences, heldout_ioi_prompts
 from tdb.direction import LogitDiff
 from tdb.metrics import Group
@@ -23,11 +22,6 @@ from tdb.nodes import NodeIndex, NodeType
 from tdb.table import node_table
 
 Case = tuple[list[int], int, int]  # tokens, target, distractor (at the last token)
-
-
-@pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model()
 
 
 def ioi_cases(loaded: LoadedModel, n: int) -> list[Case]:

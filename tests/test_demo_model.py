@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel, load_model
+from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel
 from tdb.demo import bible
 from tdb.demo.batches import document_layout
 from tdb.demo.data import (
@@ -39,11 +39,6 @@ REQUIRED_NAMES = (
     "Mary", "John", "Tom", "Anna", "Sarah", "David", "Lisa", "Mark", "James", "Emma",
     "Paul", "Kate", "Peter", "Alice", "Laura", "Michael", "Robert", "Susan", "George", "Helen",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model(None)
 
 
 def test_demo_is_the_default_model(demo: LoadedModel) -> None:

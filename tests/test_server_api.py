@@ -34,11 +34,6 @@ IOI = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
 
 
 @pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def client(demo: LoadedModel) -> Iterator[TestClient]:
     with TestClient(create_app(demo, max_prompt_tokens=40)) as c:
         yield c
