@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from tdb.ablation import Ablation, ablation_hooks
@@ -20,6 +21,8 @@ from tdb.direction import LogitDiff
 from tdb.metrics import Group
 from tdb.nodes import NodeIndex, NodeType
 from tdb.table import node_table
+
+pytestmark = pytest.mark.slow  # ablations over hundreds of held-out prompts on the demo model
 
 Case = tuple[list[int], int, int]  # tokens, target, distractor (at the last token)
 

@@ -177,6 +177,7 @@ def test_bad_input_is_a_short_error_with_exit_code_2(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # runs `tdb` in subprocesses
 def test_missing_model_and_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')

@@ -51,6 +51,7 @@ def scores(demo: LoadedModel) -> DemoEval:
     return evaluate_model(demo.model, demo.tokenizer)
 
 
+@pytest.mark.slow  # evaluates the demo model on every held-out set
 def test_demo_passes_heldout_thresholds(scores: DemoEval) -> None:
     assert scores.ioi_logit_diff >= IOI_MIN_LOGIT_DIFF, scores.summary()
     assert scores.induction_accuracy >= INDUCTION_MIN_ACCURACY, scores.summary()

@@ -319,6 +319,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # runs `tdb serve` in a subprocess
 def test_tdb_serve_serves_the_page() -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -347,6 +348,7 @@ def test_tdb_serve_serves_the_page() -> None:
     assert f"serving demo at http://127.0.0.1:{port}/" in err
 
 
+@pytest.mark.slow  # runs `tdb serve` in a subprocess
 def test_tdb_serve_with_a_bad_model_stops_with_a_message(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.run(

@@ -18,6 +18,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tdb.checkpoint import LoadedModel
 from tdb.server.app import create_app
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
     os.environ.get("TDB_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")
