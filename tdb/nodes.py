@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -65,6 +65,7 @@ class LatentSite(StrEnum):
 SITES = tuple(LatentSite)
 
 
+@runtime_checkable  # so the tests' runtime type checker (beartype) can check isinstance
 class ModelShape(Protocol):
     @property
     def n_layer(self) -> int: ...

@@ -26,6 +26,13 @@ def loaded(checkpoint_dir: Path) -> LoadedModel:
     return load_model(checkpoint_dir)
 
 
+@pytest.fixture(scope="session")
+def demo() -> LoadedModel:
+    """The built-in demo model, loaded once per run. Tests only read it: hooks and ablations are
+    scoped to one call, and nothing changes its weights or mode."""
+    return load_model()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

@@ -15,19 +15,16 @@ import torch
 
 from tdb.ablation import Ablation, ablation_hooks
 from tdb.capture import direction_value
-from tdb.checkpoint import LoadedModel, load_model
+from tdb.checkpoint import LoadedModel
 from tdb.demo.data import heldout_induction_sequences, heldout_ioi_prompts
 from tdb.direction import LogitDiff
 from tdb.metrics import Group
 from tdb.nodes import NodeIndex, NodeType
 from tdb.table import node_table
 
+pytestmark = pytest.mark.slow  # ablations over hundreds of held-out prompts on the demo model
+
 Case = tuple[list[int], int, int]  # tokens, target, distractor (at the last token)
-
-
-@pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model()
 
 
 def ioi_cases(loaded: LoadedModel, n: int) -> list[Case]:

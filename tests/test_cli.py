@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from checkpoints import make_checkpoint
 
-from tdb.checkpoint import load_model
+from tdb.checkpoint import LoadedModel
 from tdb.cli import main
 from tdb.table import node_table
 
@@ -23,7 +23,9 @@ def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object
     return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
 
 
-def test_json_schema(checkpoint_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_schema(
+    checkpoint_dir: Path, loaded: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = run_json(
         capsys,
         PROMPT,
@@ -36,7 +38,7 @@ def test_json_schema(checkpoint_dir: Path, capsys: pytest.CaptureFixture[str]) -
         "--model",
         str(checkpoint_dir),
     )
-    tokenizer = load_model(checkpoint_dir).tokenizer
+    tokenizer = loaded.tokenizer
     tokens = out["tokens"]
     assert isinstance(tokens, list)
     assert [t["id"] for t in tokens] == tokenizer.encode(PROMPT)
@@ -71,7 +73,7 @@ def test_json_schema(checkpoint_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_json_equals_the_python_api(
-    checkpoint_dir: Path, capsys: pytest.CaptureFixture[str]
+    checkpoint_dir: Path, loaded: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = run_json(
         capsys,
@@ -85,7 +87,7 @@ def test_json_equals_the_python_api(
         "--model",
         str(checkpoint_dir),
     )
-    table = node_table(load_model(checkpoint_dir), PROMPT, " Mary", " John", k=2)
+    table = node_table(loaded, PROMPT, " Mary", " John", k=2)
     assert out == json.loads(json.dumps(table.to_json()))
     frame = table.to_dataframe()
     assert list(frame["id"]) == [n["id"] for n in out["nodes"]]  # type: ignore[union-attr, index]
@@ -180,6 +182,7 @@ def test_bad_input_is_a_short_error_with_exit_code_2(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # runs `tdb` in subprocesses
 def test_missing_model_and_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')

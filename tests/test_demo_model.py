@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel, load_model
+from tdb.checkpoint import DEMO_MODEL_DIR, LoadedModel
 from tdb.demo import bible
 from tdb.demo.batches import document_layout
 from tdb.demo.data import (
@@ -41,11 +41,6 @@ REQUIRED_NAMES = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model(None)
-
-
 def test_demo_is_the_default_model(demo: LoadedModel) -> None:
     assert demo.path == DEMO_MODEL_DIR
     assert sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir()) <= 30 * 2**20
@@ -56,6 +51,7 @@ def scores(demo: LoadedModel) -> DemoEval:
     return evaluate_model(demo.model, demo.tokenizer)
 
 
+@pytest.mark.slow  # evaluates the demo model on every held-out set
 def test_demo_passes_heldout_thresholds(scores: DemoEval) -> None:
     assert scores.ioi_logit_diff >= IOI_MIN_LOGIT_DIFF, scores.summary()
     assert scores.induction_accuracy >= INDUCTION_MIN_ACCURACY, scores.summary()

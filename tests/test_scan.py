@@ -227,6 +227,7 @@ def test_sharding_and_batching_do_not_change_the_records(
 # --- Ray, resume, re-run ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a local Ray cluster
 def test_local_ray_cluster_gives_the_in_process_records(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
 ) -> None:
@@ -303,6 +304,7 @@ def cli_scan(
     )
 
 
+@pytest.mark.slow  # runs, kills and resumes scans in subprocesses
 def test_killed_scan_resumes_to_the_same_records_and_a_finished_one_is_left_alone(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
 ) -> None:
@@ -339,6 +341,7 @@ def test_a_folder_with_another_scan_is_refused(
 # --- output and input formats -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 2 s (most of it importing duckdb)
 def test_duckdb_reads_the_documented_schema(scanned: Path, loaded: LoadedModel) -> None:
     examples = str(scanned / "examples.parquet")
     columns = duckdb.sql(f"DESCRIBE SELECT * FROM '{examples}'").fetchall()
@@ -435,6 +438,7 @@ def test_component_routes_serve_json_and_a_page(scanned: Path, tmp_path: Path) -
         scan_router(tmp_path)
 
 
+@pytest.mark.slow  # headless Chromium
 def test_the_component_page_renders_its_heatmaps_in_a_browser(
     scanned: Path, tmp_path: Path
 ) -> None:

@@ -12,6 +12,8 @@ from tdb.checkpoint import DEMO_MODEL_DIR
 from tdb.cli import main
 from tdb.scan.corpus import DEMO_CORPUS, count_documents
 
+pytestmark = pytest.mark.slow  # scans the whole demo corpus
+
 
 def test_scan_runs_with_no_other_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

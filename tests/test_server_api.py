@@ -34,11 +34,6 @@ IOI = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
 
 
 @pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def client(demo: LoadedModel) -> Iterator[TestClient]:
     with TestClient(create_app(demo, max_prompt_tokens=40)) as c:
         yield c
@@ -324,6 +319,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # runs `tdb serve` in a subprocess
 def test_tdb_serve_serves_the_page() -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -352,6 +348,7 @@ def test_tdb_serve_serves_the_page() -> None:
     assert f"serving demo at http://127.0.0.1:{port}/" in err
 
 
+@pytest.mark.slow  # runs `tdb serve` in a subprocess
 def test_tdb_serve_with_a_bad_model_stops_with_a_message(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.run(

@@ -15,8 +15,10 @@ import pytest
 from live_server import live_server
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tdb.checkpoint import load_model
+from tdb.checkpoint import LoadedModel
 from tdb.server.app import create_app
+
+pytestmark = pytest.mark.slow  # headless Chromium
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -27,8 +29,8 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with live_server(create_app(load_model())) as url:
+def base_url(demo: LoadedModel) -> Iterator[str]:
+    with live_server(create_app(demo)) as url:
         yield url
 
 

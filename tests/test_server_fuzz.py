@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from tdb.checkpoint import LoadedModel
 from tdb.server.app import create_app
 
+pytestmark = pytest.mark.slow  # hypothesis sends hundreds of generated requests
+
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 SECOND = "When Tom and Anna went to the park, Anna gave a ball to"
 

@@ -14,11 +14,14 @@ import threading
 import time
 
 import httpx
+import pytest
 import torch
 from live_server import live_server
 
 from tdb.checkpoint import LoadedModel
 from tdb.server.app import create_app
+
+pytestmark = pytest.mark.slow  # 8 clients x 50 requests to a live server
 
 CLIENTS = 8
 REQUESTS_PER_CLIENT = 50

@@ -22,6 +22,8 @@ from schemathesis.specs.openapi.checks import (
 from tdb.checkpoint import LoadedModel
 from tdb.server.app import create_app
 
+pytestmark = pytest.mark.slow  # schemathesis sends hundreds of generated requests
+
 EXAMPLES = {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 60}
 # A batch nests every other request: generating one costs several times more, and what it can
 # break is mostly what the single routes already cover.

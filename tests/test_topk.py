@@ -53,7 +53,7 @@ def every_node(store: ScalarStore) -> list[tuple[NodeIndex, dict[Group, float]]]
             values = {g: float(block.values[g][flat]) for g in ALL_GROUPS}
             if math.isnan(values[Group.ACTIVATION]):
                 continue
-            node = NodeIndex.from_coords(node_type, tuple(block.coords(torch.tensor([flat]))[0]))
+            node = NodeIndex.from_coords(node_type, block.coords(torch.tensor([flat]))[0])
             out.append((node, values))
     return out
 

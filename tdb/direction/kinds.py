@@ -19,7 +19,7 @@ write vectors into direct effects).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -60,6 +60,7 @@ class ReadPoint:
 FINAL = ReadPoint(HookPoint.RESID_FINAL, None)
 
 
+@runtime_checkable  # so the tests' runtime type checker (beartype) can check isinstance
 class Direction(Protocol):
     @property
     def kind(self) -> str: ...

@@ -12,7 +12,7 @@ GPT-2 (`tdb.models.gpt2.GPT2`), the Llama family (`tdb.models.llama.Llama`) and 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tdb.hooks import HookPoint, Hooks
 
 
+@runtime_checkable  # so the tests' runtime type checker (beartype) can check isinstance
 class ModelConfig(Protocol):
     """The shape of a model, in the one dimension vocabulary."""
 
@@ -49,6 +50,7 @@ class ModelConfig(Protocol):
         ...
 
 
+@runtime_checkable
 class Norm(Protocol):
     """A layer norm or RMSNorm: `norm(x, hooks)`, its scale a hook point (so it can be frozen)."""
 
@@ -62,6 +64,7 @@ class Norm(Protocol):
     ) -> Float[Tensor, "batch pos d_model"]: ...
 
 
+@runtime_checkable
 class AttentionWeights(Protocol):
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]: ...
@@ -88,6 +91,7 @@ class AttentionWeights(Protocol):
         ...
 
 
+@runtime_checkable
 class MlpWeights(Protocol):
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
@@ -106,6 +110,7 @@ class MlpWeights(Protocol):
         ...
 
 
+@runtime_checkable
 class BlockParts(Protocol):
     @property
     def ln_1(self) -> Norm: ...
@@ -125,6 +130,7 @@ class BlockParts(Protocol):
         ...
 
 
+@runtime_checkable
 class TransformerModel(Protocol):
     """A decoder-only language model with tdb's hook points. See the module docstring."""
 

@@ -64,7 +64,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
         x = hooks(HookPoint.RESID_PRE, x)

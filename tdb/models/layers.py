@@ -153,9 +153,9 @@ class Rotary:
 def causal_mask(
     n_pos: int,
     window: int | None,
-    attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None,
+    attention_mask: Bool[Tensor, "#batch query_pos key_pos"] | None,
     device: torch.device,
-) -> Bool[Tensor, "batch query_pos key_pos"]:
+) -> Bool[Tensor, "#batch query_pos key_pos"]:
     """True where a query may attend: keys at or before it, and (sliding window) fewer than
     `window` tokens back; combined with the caller's `attention_mask` (True = may attend)."""
     query = torch.arange(n_pos, device=device)[:, None]
@@ -213,7 +213,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
         rotary: Rotary | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:

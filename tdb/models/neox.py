@@ -73,7 +73,7 @@ class Block(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         rotary: Rotary,
-        mask: Bool[Tensor, "batch query_pos key_pos"],
+        mask: Bool[Tensor, "#batch query_pos key_pos"],
         hooks: Hooks,
     ) -> Float[Tensor, "batch pos d_model"]:
         x = hooks(HookPoint.RESID_PRE, x)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,6 +38,7 @@ KILL_AFTER_SHARDS_ENV = "TDB_SCAN_TEST_KILL_AFTER_SHARDS"
 ShardDone = Callable[[Shard, dict[str, np.ndarray]], None]
 
 
+@runtime_checkable  # so the tests' runtime type checker (beartype) can check isinstance
 class Executor(Protocol):
     """Runs shards and hands each finished one's partial (as arrays) to `done`, in any order;
     `bounds()` gives the bounds of the examples merged so far, for the next shard."""
@@ -131,6 +132,7 @@ class ScanResult:
     shards_run: int  # by this call (0: everything was checkpointed already)
 
 
+@runtime_checkable
 class Progress(Protocol):
     def start(self, total_docs: int) -> None: ...
     def docs(self, n: int) -> None: ...

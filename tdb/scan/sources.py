@@ -65,9 +65,11 @@ def neuron_source(model: TransformerModel, layer: int) -> ComponentSource:
 
     def compute(captured: Mapping[HookPoint, Tensor]) -> Tensor:
         post = captured[HookPoint.MLP_POST]  # [batch pos d_mlp]
-        return neuron_activation(
-            MlpInputs(post=post, grad_post=None, W_out=W_out, read=NO_READ_OUT)
-        )
+        batch, n_pos, _ = post.shape
+        # The metric reads one prompt's [pos d_mlp]: the batch's positions laid end to end.
+        flat = post.reshape(batch * n_pos, -1)  # [batch*pos d_mlp]
+        inputs = MlpInputs(post=flat, grad_post=None, W_out=W_out, read=NO_READ_OUT)
+        return neuron_activation(inputs).reshape(batch, n_pos, -1)  # [batch pos d_mlp]
 
     return ComponentSource(
         NodeType.MLP_NEURON, layer, model.config.d_mlp, (HookPoint.MLP_POST,), compute
