@@ -29,8 +29,8 @@ from tdb.latents import LATENT_POINTS, SITE_OF_LATENT_POINT, attach, check_saes,
 from tdb.metrics import (
     AttentionInputs,
     EmbeddingInputs,
-    Group,
     LatentInputs,
+    Metric,
     MlpInputs,
     ReadOut,
     is_signed,
@@ -60,15 +60,15 @@ class LayeredBlockBuilder:
     """Collects one node type's metric grids layer by layer; keeps them whole or prunes each."""
 
     node_type: NodeType
-    groups: Sequence[Group]
+    groups: Sequence[Metric]
     prune_k: int | None
     last_token: int
-    layers: dict[int, dict[Group, Tensor]] = field(default_factory=dict)
+    layers: dict[int, dict[Metric, Tensor]] = field(default_factory=dict)
     kept: dict[int, Tensor] = field(default_factory=dict)  # per layer, when pruning
     layer_shape: tuple[int, ...] = ()
     nodes: Tensor | None = None  # [layer grid, flat] True where an entry is a node
 
-    def add(self, layer: int, grids: dict[Group, Tensor]) -> None:
+    def add(self, layer: int, grids: dict[Metric, Tensor]) -> None:
         if not self.layer_shape:
             self.layer_shape = tuple(grids[self.groups[0]].shape)
             self.nodes = node_mask(self.node_type, self.layer_shape, self.last_token).flatten()
@@ -106,12 +106,12 @@ class LatentBlockBuilder:
     the direction reads) or each SAE's top k / bottom k per metric. Always a list of nodes:
     SAEs differ in size and need not cover every layer."""
 
-    groups: Sequence[Group]
+    groups: Sequence[Metric]
     prune_k: int | None
     last_token: int
-    parts: dict[tuple[int, int], tuple[Tensor, dict[Group, Tensor]]] = field(default_factory=dict)
+    parts: dict[tuple[int, int], tuple[Tensor, dict[Metric, Tensor]]] = field(default_factory=dict)
 
-    def add(self, attached: AttachedSae, grids: dict[Group, Tensor]) -> None:
+    def add(self, attached: AttachedSae, grids: dict[Metric, Tensor]) -> None:
         d_sae = attached.sae.d_sae
         flat = {g: v[: self.last_token + 1].flatten() for g, v in grids.items()}
         if self.prune_k is None:
@@ -152,7 +152,7 @@ def capture(
     model: TransformerModel,
     tokens: Int[Tensor, " pos"],
     direction: Direction,
-    groups: Sequence[Group],
+    groups: Sequence[Metric],
     prune_k: int | None = None,
     hooks: Hooks = NO_HOOKS,
     saes: Sequence[AttachedSae] = (),

@@ -38,6 +38,9 @@ class Group(StrEnum):
 
 
 ALL_GROUPS = tuple(Group)
+# What identifies a metric: a `Group` member, or a member of a caller's own StrEnum that has an
+# entry in `METRIC_SPECS` (tests/test_registry.py adds one that way).
+Metric = StrEnum
 # Which node coordinate each grid axis holds, per node type (from the node types' specs).
 GRID_AXES: dict[NodeType, tuple[int, ...]] = {t: spec.grid_axes for t, spec in NODE_SPECS.items()}
 
@@ -226,7 +229,7 @@ class MetricSpec:
 
 
 # The registry: adding a metric is one entry here (a `Group` member and its functions).
-METRIC_SPECS: dict[Group, MetricSpec] = {
+METRIC_SPECS: dict[Metric, MetricSpec] = {
     Group.ACTIVATION: MetricSpec(
         signed=False,
         needs_gradient=False,
@@ -274,18 +277,18 @@ METRIC_SPECS: dict[Group, MetricSpec] = {
 }
 
 
-def metric_function(node_type: NodeType, group: Group) -> Callable[..., Tensor]:
+def metric_function(node_type: NodeType, group: Metric) -> Callable[..., Tensor]:
     """The function computing `group` for one layer of `node_type` nodes."""
     return METRIC_SPECS[group].functions[node_type]
 
 
-def is_signed(group: Group) -> bool:
+def is_signed(group: Metric) -> bool:
     return METRIC_SPECS[group].signed
 
 
-def needs_gradient(groups: Iterable[Group]) -> bool:
+def needs_gradient(groups: Iterable[Metric]) -> bool:
     return any(METRIC_SPECS[g].needs_gradient for g in groups)
 
 
-def needs_values(groups: Iterable[Group]) -> bool:
+def needs_values(groups: Iterable[Metric]) -> bool:
     return any(METRIC_SPECS[g].needs_values for g in groups)

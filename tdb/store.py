@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.metrics import GRID_AXES, Group, is_signed
+from tdb.metrics import GRID_AXES, Metric, is_signed
 from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
 
 CHUNK = 1 << 15
@@ -91,7 +91,7 @@ class GridBlock:
 
     node_type: NodeType
     shape: tuple[int, ...]
-    values: dict[Group, Tensor]
+    values: dict[Metric, Tensor]
     pruned_k: int | None = None  # a grid is complete
 
     def coords(self, flat: Tensor) -> Tensor:
@@ -127,7 +127,7 @@ class ListBlock:
 
     node_type: NodeType
     node_coords: Tensor  # [n 4]
-    values: dict[Group, Tensor]
+    values: dict[Metric, Tensor]
     pruned_k: int | None = None
     _lookup: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
 
@@ -153,7 +153,7 @@ class ScalarStore:
     blocks: dict[NodeType, NodeBlock]
 
     @property
-    def groups(self) -> list[Group]:
+    def groups(self) -> list[Metric]:
         first = next(iter(self.blocks.values()), None)
         return [] if first is None else list(first.values)
 
@@ -163,7 +163,7 @@ class ScalarStore:
         return self.blocks[node_type]
 
     def topk(
-        self, group: Group, node_type: NodeType, k: int, largest: bool = True
+        self, group: Metric, node_type: NodeType, k: int, largest: bool = True
     ) -> tuple[list[NodeIndex], Tensor]:
         """The k nodes of `node_type` with the largest (smallest) values of `group`."""
         block = self.block(node_type)
@@ -172,7 +172,7 @@ class ScalarStore:
         nodes = [NodeIndex.from_coords(node_type, row) for row in block.coords(flat)]
         return nodes, block.values[group][flat]
 
-    def values_at(self, group: Group, nodes: list[NodeIndex]) -> Tensor:
+    def values_at(self, group: Metric, nodes: list[NodeIndex]) -> Tensor:
         """The value of `group` at each node (NaN where the store does not hold the node)."""
         out = torch.full((len(nodes),), math.nan)
         for node_type, block in self.blocks.items():
@@ -186,7 +186,7 @@ class ScalarStore:
         return out
 
 
-def check_pruned(block: NodeBlock, group: Group, k: int, largest: bool) -> None:
+def check_pruned(block: NodeBlock, group: Metric, k: int, largest: bool) -> None:
     """A pruned block holds each layer's top k of every group and bottom k of signed groups."""
     if block.pruned_k is None:
         return

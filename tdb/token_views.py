@@ -12,7 +12,7 @@ from torch import Tensor
 from tdb.ablation import record
 from tdb.hooks import HookPoint
 from tdb.latents import check_saes, write_directions
-from tdb.metrics import Group
+from tdb.metrics import Group, Metric
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, target_location
 from tdb.sae import AttachedSae
@@ -186,7 +186,7 @@ def effect_by_token(store: ScalarStore, n_pos: int) -> dict[str, list[float]]:
     return out
 
 
-def effect_by_head(store: ScalarStore, group: Group = Group.ACT_TIMES_GRAD) -> Tensor:
+def effect_by_head(store: ScalarStore, group: Metric = Group.ACT_TIMES_GRAD) -> Tensor:
     """[layer head]: a metric summed over every (query, key) pair of each head (whole-head
     importance, e.g. to pick heads to ablate). Needs a dense store."""
     heads = store.blocks[NodeType.ATTENTION_HEAD]

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from tdb.errors import TdbError
-from tdb.metrics import Group, is_signed
+from tdb.metrics import Metric, is_signed
 from tdb.nodes import TOKEN, NodeIndex, NodeType
 from tdb.store import NodeBlock, ScalarStore, check_pruned, ranked
 
 # transform(block, group, flat values) -> flat values to rank by (NaN = excluded)
-ValueTransform = Callable[[NodeBlock, Group, Tensor], Tensor]
+ValueTransform = Callable[[NodeBlock, Metric, Tensor], Tensor]
 IndexMap = Callable[[NodeIndex], NodeIndex]
 
 
@@ -30,12 +30,12 @@ class TopKResult:
     """Nodes in table order and, per group, one value per node (aligned)."""
 
     nodes: list[NodeIndex]
-    values: dict[Group, Tensor]
+    values: dict[Metric, Tensor]
 
 
 def multi_group_topk(
     store: ScalarStore,
-    groups: Sequence[Group],
+    groups: Sequence[Metric],
     k: int,
     transform: ValueTransform | None = None,
     index_map: IndexMap | None = None,
@@ -59,7 +59,7 @@ def multi_group_topk(
 def winners(
     block: NodeBlock,
     node_type: NodeType,
-    group: Group,
+    group: Metric,
     k: int,
     transform: ValueTransform | None,
 ) -> list[NodeIndex]:
@@ -80,13 +80,13 @@ def winners(
 def keep_token(token: int) -> ValueTransform:
     """A transform that ranks only nodes at `token` (the query token for heads)."""
 
-    def transform(block: NodeBlock, group: Group, values: Tensor) -> Tensor:
+    def transform(block: NodeBlock, group: Metric, values: Tensor) -> Tensor:
         at_token = block.coords(torch.arange(len(values)))[:, TOKEN] == token
         return values.masked_fill(~at_token, float("nan"))
 
     return transform
 
 
-def absolute(block: NodeBlock, group: Group, values: Tensor) -> Tensor:
+def absolute(block: NodeBlock, group: Metric, values: Tensor) -> Tensor:
     """A transform that ranks by magnitude."""
     return values.abs()

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from tdb.ablation import Ablation, AblationKind, parse_ablation
 from tdb.errors import TdbError
-from tdb.metrics import ALL_GROUPS, METRIC_SPECS, Group
+from tdb.metrics import ALL_GROUPS, METRIC_SPECS, Group, Metric
 from tdb.nodes import NodeType
 from tdb.sae import AttachedSae
 
@@ -80,9 +80,9 @@ class NodeRequest:
     mlp_nodes: str = "neurons"
     attn_nodes: str = "heads"
     k: int = 10
-    groups: Sequence[Group] = ALL_GROUPS
+    groups: Sequence[Metric] = ALL_GROUPS
     node_types: Sequence[NodeType] | None = None
-    sort: Group | None = None
+    sort: Metric | None = None
     # Parsed ablations, filled by `checked()` (callers give `ablate`).
     ablations: tuple[Ablation, ...] = field(default=(), repr=False, compare=False)
 

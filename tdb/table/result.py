@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tdb.direction import Direction
 from tdb.direction.parse import trace_ids
-from tdb.metrics import Group, is_signed
+from tdb.metrics import Metric, is_signed
 from tdb.nodes import NodeIndex, NodeType, component_link, node_label
 from tdb.verify import Verified
 
@@ -83,9 +83,9 @@ class NodeTable:
     target_texts: list[str]
     distractor_texts: list[str]
     k: int
-    groups: list[Group]
+    groups: list[Metric]
     nodes: list[NodeIndex]
-    values: dict[Group, list[float]]
+    values: dict[Metric, list[float]]
     columns: dict[str, list[float]] = field(default_factory=dict)
     baseline_value: float | None = None  # the direction without the ablations
     right_value: float | None = None  # the direction on the comparison prompt
@@ -98,7 +98,7 @@ class NodeTable:
         """A name a person reads: `L2 head 3 ' to'@7 <- ' Mary'@4`."""
         return node_label(node, self.token_texts)
 
-    def select(self, node_types: Sequence[NodeType] | None, sort: Group | None) -> NodeTable:
+    def select(self, node_types: Sequence[NodeType] | None, sort: Metric | None) -> NodeTable:
         """Only the rows of `node_types` (all: None), ordered by `sort` (None: top-k order)."""
         order = row_order(
             [n.node_type for n in self.nodes],

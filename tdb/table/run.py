@@ -26,7 +26,7 @@ from tdb.direction.parse import make_direction
 from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, Hooks
 from tdb.latents import latent_sizes, resolve_saes
-from tdb.metrics import Group
+from tdb.metrics import Group, Metric
 from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
 from tdb.sae import AttachedSae
@@ -44,7 +44,7 @@ def only(cap: Capture, shown: set[NodeType]) -> Capture:
     return replace(cap, store=ScalarStore(blocks))
 
 
-def table_nodes(stores: Sequence[ScalarStore], groups: Sequence[Group], k: int) -> list[NodeIndex]:
+def table_nodes(stores: Sequence[ScalarStore], groups: Sequence[Metric], k: int) -> list[NodeIndex]:
     """The union (first-seen order) of the multi-group top-k of each store."""
     seen: dict[NodeIndex, None] = {}
     for store in stores:
@@ -52,7 +52,7 @@ def table_nodes(stores: Sequence[ScalarStore], groups: Sequence[Group], k: int) 
     return list(seen)
 
 
-def values_at(store: ScalarStore, groups: Sequence[Group], nodes: list[NodeIndex]) -> TopKResult:
+def values_at(store: ScalarStore, groups: Sequence[Metric], nodes: list[NodeIndex]) -> TopKResult:
     return TopKResult(nodes, {g: store.values_at(g, nodes) for g in groups})
 
 
@@ -197,7 +197,7 @@ def verification(
     tokens: list[int],
     direction: Direction,
     store: ScalarStore,
-    groups: list[Group],
+    groups: list[Metric],
     n: int,
     hooks: Hooks,
     saes: Sequence[AttachedSae] = (),
