@@ -216,7 +216,8 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
 
     if (args.prompt is None) == (args.token_ids is None):
         raise TdbError("give the prompt either as text or with --token-ids, exactly one of them")
-    uses_tokens = not (args.logprob or args.vector)
+    # --logprob and --vector need no distractor; a trace needs neither (unless through :v).
+    uses_tokens = not (args.logprob or args.vector or args.trace)
     target = resolve_choice(args.target, args.target_id, "--target", "--target-id", uses_tokens)
     distractor = resolve_choice(
         args.distractor, args.distractor_id, "--distractor", "--distractor-id", uses_tokens

@@ -1,4 +1,4 @@
-"""The multi-group top-k that builds the node table (the semantics are in DESIGN.md).
+"""The multi-group top-k that builds the node table (the semantics are in docs/node-table.md).
 
 1. For each group, for each node type: the k largest values (and, for signed groups, the k most
    negative), after an optional transform of the values.

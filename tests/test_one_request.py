@@ -149,3 +149,20 @@ def test_bad_display_options_name_the_flag(capsys: pytest.CaptureFixture[str]) -
     ]:
         assert main([*base, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_trace_needs_no_target_unless_through_the_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Tracing a node explains its pre-activation: target and distractor are only read by a
+    trace through a head's value (its write is projected on the downstream gradient)."""
+    assert main(["nodes", PROMPT, "--trace", "h2.1@13:9:k", "--json", "-k", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["direction"]["kind"] == "attention_logit" and out["direction"]["through"] == "k"
+    assert main(["nodes", PROMPT, "--trace", "n1.5@13", "--json", "-k", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["direction"]["kind"] == "mlp_pre_activation"
+    assert main(["nodes", PROMPT, "--trace", "h2.1@13:9:v"]) == 2
+    assert "give --target/--distractor" in capsys.readouterr().err
+    through_v = ["--trace", "h2.1@13:9:v", "--downstream", "n2.4@13", "--json", "-k", "2"]
+    assert main(["nodes", PROMPT, *through_v]) == 0
+    assert json.loads(capsys.readouterr().out)["direction"]["downstream"] == "n2.4@13"

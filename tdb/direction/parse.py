@@ -124,7 +124,11 @@ def trace_direction(
         through = "qk" if mode is None else mode
         return AttentionLogit(node.layer, node.index, node.token, node.key_token, through)  # type: ignore[arg-type]
     if downstream is None:
-        raise TdbError(f"--trace {text}: tracing through the value needs a downstream direction")
+        raise TdbError(
+            f"--trace {text}: a trace through the value projects the head's write on a "
+            "downstream gradient: give --target/--distractor (or --logprob, --vector) or "
+            "--downstream ID"
+        )
     prob, grad = value_trace_inputs(model, tokens, node, downstream)
     name = downstream.to_json().get("node", downstream.kind)
     return HeadValueWrite(node.layer, node.index, node.token, node.key_token, prob, grad, str(name))
@@ -187,24 +191,40 @@ def make_direction(
     position %= len(tokens)
     targets = resolve_token_list(tokenizer, target, "target")
     distractors = resolve_token_list(tokenizer, distractor, "distractor")
-    base: Direction
-    if vector is not None:
-        if targets or distractors or logprob:
-            raise TdbError("--vector replaces --target/--distractor/--logprob: give only one")
-        base = ResidualDirection(load_vector(vector, model.config.d_model), position, str(vector))
-    elif logprob:
-        if len(targets) != 1 or distractors:
-            raise TdbError("--logprob explains log p(target): give one target and no distractor")
-        base = LogProb(targets[0], position)
-    else:
-        if not targets or not distractors:
-            raise TdbError(
-                "give a target and a distractor (or --logprob with a target, or --vector FILE)"
-            )
-        base = LogitDiff(targets, distractors, position)
+    # A trace explains a node's pre-activation: only a trace through a head's value (`:v`)
+    # reads a downstream direction, so a trace needs no target unless it is given one.
+    given = bool(targets or distractors or logprob or vector is not None)
+    base = None
+    if given or trace is None:
+        base = base_direction(model, targets, distractors, position, logprob, vector)
     if trace is None:
         if downstream is not None:
             raise TdbError("--downstream applies only with --trace ...:v")
+        assert base is not None
         return base
     down = base if downstream is None else trace_direction(model, tokens, downstream, None, saes)
     return trace_direction(model, tokens, trace, down, saes)
+
+
+def base_direction(
+    model: TransformerModel,
+    targets: tuple[int, ...],
+    distractors: tuple[int, ...],
+    position: int,
+    logprob: bool,
+    vector: str | Path | None,
+) -> Direction:
+    """The direction at the output: logit difference, log-prob or a residual-stream vector."""
+    if vector is not None:
+        if targets or distractors or logprob:
+            raise TdbError("--vector replaces --target/--distractor/--logprob: give only one")
+        return ResidualDirection(load_vector(vector, model.config.d_model), position, str(vector))
+    if logprob:
+        if len(targets) != 1 or distractors:
+            raise TdbError("--logprob explains log p(target): give one target and no distractor")
+        return LogProb(targets[0], position)
+    if not targets or not distractors:
+        raise TdbError(
+            "give a target and a distractor (or --logprob with a target, or --vector FILE)"
+        )
+    return LogitDiff(targets, distractors, position)
