@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,24 @@ def test_documented_node_commands_run(name: str, capsys: pytest.CaptureFixture[s
                 argv[argv.index(flag) + 1] = SECOND
         assert main(["nodes", *argv]) == 0, (command, capsys.readouterr().err)
         capsys.readouterr()
+
+
+@pytest.mark.slow  # a scan of the bundled corpus (a few seconds)
+def test_readme_scan_commands_run(tmp_path: Path) -> None:
+    """README's scan section: `tdb scan --out /tmp/scan` and the query that reads its Parquet,
+    run as documented (in a temporary folder instead of /tmp/scan)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## `tdb scan`") :]
+    commands = re.findall(r"^    (\.venv/bin/\S+ .*?)(?<!\\)$", section, re.MULTILINE | re.DOTALL)
+    scan, query = commands[0], next(c for c in commands if "read_parquet" in c)
+    out = tmp_path / "scan"
+    scan = re.sub(r"\s+#.*$", "", scan).replace("/tmp/scan", str(out)) + " --quiet"
+    query = query.replace("/tmp/scan/", f"{out}/")
+    for command in (scan, query):
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (command, done.stderr)
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [float(r[1]) for r in rows] == [float(i) for i in range(len(rows))]  # rank 0, 1, ...
+    assert len(rows) >= 10
