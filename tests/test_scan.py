@@ -440,6 +440,23 @@ def test_a_corrupt_checkpoint_says_how_to_recover(
         scan(corpus_file, out, settings(checkpoint_dir))
 
 
+def test_a_damaged_manifest_is_an_error_not_a_traceback(
+    scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(scanned, out)
+    manifest = json.loads((out / "scan.json").read_text())
+    (out / "scan.json").write_text(json.dumps(manifest | {"n_shards": None}))
+    with pytest.raises(TdbError, match=r"scan.json says complete but lacks its totals"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+    (out / "scan.json").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(TdbError, match=r"scan.json: not valid JSON"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+    (out / "scan.json").write_text(json.dumps(manifest | {"identity": ["not", "a", "dict"]}))
+    with pytest.raises(TdbError, match=r"holds a scan with other settings"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+
+
 def test_bad_input_on_the_command_line_is_one_line_and_exit_2(
     corpus_file: Path, checkpoint_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

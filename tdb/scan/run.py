@@ -192,14 +192,14 @@ def _scan(
     }
     manifest = out_folder.open_out(out, identity)
     if manifest.get("complete"):
-        return ScanResult(
-            out,
-            n_shards=int(manifest["n_shards"]),
-            n_docs=int(manifest["n_docs"]),
-            n_windows=int(manifest["n_windows"]),
-            n_tokens=int(manifest["n_tokens"]),
-            shards_run=0,
-        )
+        totals = ("n_shards", "n_docs", "n_windows", "n_tokens")
+        if not all(isinstance(manifest.get(name), int) for name in totals):
+            raise TdbError(
+                f"{out / out_folder.MANIFEST} says complete but lacks its totals: "
+                f"delete {out} and scan again"
+            )
+        n_shards, n_docs, n_windows, n_tokens = (int(manifest[name]) for name in totals)
+        return ScanResult(out, n_shards, n_docs, n_windows, n_tokens, shards_run=0)
 
     merge = ShardMerge.open(out, names, array_layout(sources, settings.k, settings.window))
     n_shards = 0
