@@ -360,6 +360,24 @@ def test_a_second_scan_into_a_running_scans_folder_is_refused_and_the_first_fini
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
 
 
+def test_a_held_lock_refuses_a_scan_and_a_released_one_leaves_nothing(
+    corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    from tdb.scan.out_folder import locked
+
+    out = tmp_path / "held"
+    with locked(out):  # another open file, so another lock, though in this process
+        holder = (out / "scan.lock").read_text().strip()
+        assert holder.startswith(f"pid {os.getpid()}, started 20")
+        with pytest.raises(TdbError, match=rf"--out {out} is in use by another scan \({holder}\)"):
+            scan(corpus_file, out, settings(checkpoint_dir))
+    assert not out.exists()  # created for the lock, empty: removed
+    failed = tmp_path / "failed"
+    with pytest.raises(TdbError, match="longer than the model's context"):
+        scan(corpus_file, failed, settings(checkpoint_dir, window=100_000))
+    assert not failed.exists()
+
+
 class StopAfter:
     """A progress bar that interrupts the scan after `n` checkpointed shards (in-process)."""
 

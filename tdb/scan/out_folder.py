@@ -31,6 +31,7 @@ is a prefix, so deleting it only means rescanning that prefix).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -39,7 +40,6 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -90,7 +90,7 @@ def _lock_holder(fd: int) -> str:
     return holder or "it is starting"
 
 
-@contextmanager
+@contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the scan lock of folder `out` (created if needed) while the block runs; a TdbError
     naming the holder if another scan holds it.
@@ -114,6 +114,9 @@ def locked(out: Path) -> Iterator[None]:
                 f"--out {out} is in use by another scan ({holder}): wait for it to finish, "
                 "or choose another folder"
             ) from None
+        except OSError as e:  # a file system without flock
+            os.close(fd)
+            raise TdbError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
         # The holder deletes the file before it lets go: if that happened between our open and
         # our flock, we hold the lock of a deleted file, and must lock the new one.
         try:
@@ -132,8 +135,9 @@ def locked(out: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a scan that failed before writing anything leaves no folder
+        with contextlib.suppress(OSError):  # a scan that failed before writing anything
+            if created and not any(out.iterdir()):
+                out.rmdir()  # leaves no folder behind
 
 
 def shard_path(out: Path, index: int) -> Path:
