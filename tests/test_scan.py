@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ from tdb.scan import ScanSettings, scan
 from tdb.scan.corpus import count_documents, read_corpus
 from tdb.scan.examples import EMPTY_DOC, Examples
 from tdb.scan.partial import ScanPartial
-from tdb.scan.run import KILL_AFTER_SHARDS_ENV
+from tdb.scan.run import KILL_AFTER_SHARDS_ENV, STOP_AFTER_SHARDS_ENV
 
 K, WINDOW = 3, 8
 MASK64 = (1 << 64) - 1
@@ -267,36 +269,29 @@ def assert_same_records(a: pa.Table, b: pa.Table, rtol: float = 1e-5, atol: floa
             )
 
 
+def cli_args(out: Path, corpus: Path, checkpoint_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tdb.cli",
+        "scan",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        str(checkpoint_dir),
+        "--quiet",
+        *("-k", str(K), "--window", str(WINDOW), "--batch-size", "4"),
+        *("--shard-windows", "5", "--seed", "3"),
+    ]
+
+
 def cli_scan(
     out: Path, corpus: Path, checkpoint_dir: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    args = [
-        "-k",
-        str(K),
-        "--window",
-        str(WINDOW),
-        "--batch-size",
-        "4",
-        "--shard-windows",
-        "5",
-        "--seed",
-        "3",
-    ]
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tdb.cli",
-            "scan",
-            "--corpus",
-            str(corpus),
-            "--out",
-            str(out),
-            "--model",
-            str(checkpoint_dir),
-            "--quiet",
-            *args,
-        ],
+        cli_args(out, corpus, checkpoint_dir),
         capture_output=True,
         text=True,
         env=os.environ | (env or {}),
@@ -312,6 +307,7 @@ def test_killed_scan_resumes_to_the_same_records_and_a_finished_one_is_left_alon
     killed = cli_scan(out, corpus_file, checkpoint_dir, {KILL_AFTER_SHARDS_ENV: "2"})
     assert killed.returncode == -9, killed.stderr  # SIGKILL, right after its 2nd checkpoint
     assert (out / "state.npz").is_file() and not (out / "examples.parquet").exists()
+    assert (out / "scan.lock").is_file()  # a stale lock: flock died with the process
     (out / "shards" / "shard-000009.npz.tmp").write_bytes(b"half a file")  # a torn write
     resumed = cli_scan(out, corpus_file, checkpoint_dir)
     assert resumed.returncode == 0, resumed.stderr
@@ -326,6 +322,184 @@ def test_killed_scan_resumes_to_the_same_records_and_a_finished_one_is_left_alon
     assert before == {
         p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()
     }
+
+
+@pytest.mark.slow  # two scans in subprocesses
+def test_a_second_scan_into_a_running_scans_folder_is_refused_and_the_first_finishes(
+    scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "shared"
+    first = subprocess.Popen(
+        cli_args(out, corpus_file, checkpoint_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {STOP_AFTER_SHARDS_ENV: "2"},
+    )
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # it stops itself mid-scan
+        assert os.WIFSTOPPED(status), status
+        second = cli_scan(out, corpus_file, checkpoint_dir)
+        assert second.returncode == 2, second.stderr
+        message = second.stderr.strip()
+        assert "\n" not in message and message.startswith(f"tdb: error: --out {out} is in use")
+        assert f"pid {first.pid}, started 20" in message, message
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "examples.parquet",
+        "scan.json",
+        "shards",
+        "stats.parquet",
+    ]
+    for name in ("examples.parquet", "stats.parquet"):
+        assert_same_records(read(scanned, name), read(out, name))
+    again = cli_scan(out, corpus_file, checkpoint_dir)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+
+
+def test_a_held_lock_refuses_a_scan_and_a_released_one_leaves_nothing(
+    corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    from tdb.scan.out_folder import locked
+
+    out = tmp_path / "held"
+    with locked(out):  # another open file, so another lock, though in this process
+        holder = (out / "scan.lock").read_text().strip()
+        assert holder.startswith(f"pid {os.getpid()}, started 20")
+        with pytest.raises(TdbError, match=rf"--out {out} is in use by another scan \({holder}\)"):
+            scan(corpus_file, out, settings(checkpoint_dir))
+    assert not out.exists()  # created for the lock, empty: removed
+    failed = tmp_path / "failed"
+    with pytest.raises(TdbError, match="longer than the model's context"):
+        scan(corpus_file, failed, settings(checkpoint_dir, window=100_000))
+    assert not failed.exists()
+
+
+class StopAfter:
+    """A progress bar that interrupts the scan after `n` checkpointed shards (in-process)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def start(self, total_docs: int) -> None:
+        pass
+
+    def docs(self, n: int) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+    def tokens(self, n: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.mark.slow  # interrupts a scan, then resumes one
+def test_a_corrupt_checkpoint_says_how_to_recover(
+    scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        scan(corpus_file, interrupted, settings(checkpoint_dir), progress=StopAfter(2))
+    state = np.load(interrupted / "state.npz")
+    arrays = dict(state.items())
+    state.close()
+    name = next(n for n in arrays if n.endswith("/top/values"))
+
+    def flip_bytes(data: bytes) -> bytes:
+        middle = len(data) // 2
+        return (
+            data[:middle]
+            + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            + data[middle + 64 :]
+        )
+
+    def save(change: dict[str, np.ndarray | None]) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        kept = {n: a for n, a in (arrays | change).items() if a is not None}
+        np.savez(buffer, **kept)  # type: ignore[arg-type]
+        return buffer.getvalue()
+
+    good = (interrupted / "state.npz").read_bytes()
+    corruptions = {
+        "CRC": flip_bytes(good),
+        "truncated": good[: len(good) // 3],
+        "empty": b"",
+        "a key missing": save({name: None}),
+        "a wrong shape": save({name: arrays[name][:, :1]}),
+        "a wrong type": save({name: arrays[name].astype(np.float64)}),
+    }
+    for i, (what, data) in enumerate(corruptions.items()):
+        out = tmp_path / f"corrupt-{i}"
+        shutil.copytree(interrupted, out)
+        (out / "state.npz").write_bytes(data)
+        with pytest.raises(TdbError) as error:
+            scan(corpus_file, out, settings(checkpoint_dir))
+        message = str(error.value)
+        assert "\n" not in message, what
+        assert message.startswith(f"{out / 'state.npz'} is corrupt ("), (what, message)
+        assert f"delete {out / 'state.npz'} and run the scan again" in message, (what, message)
+        if i == 0:  # do as the message says: the scan finishes with the right records
+            (out / "state.npz").unlink()
+            scan(corpus_file, out, settings(checkpoint_dir))
+            for table in ("examples.parquet", "stats.parquet"):
+                assert_same_records(read(scanned, table), read(out, table))
+    out = tmp_path / "corrupt-shard"  # a shard file waiting for its predecessors (Ray)
+    shutil.copytree(interrupted, out)
+    (out / "shards" / "shard-000004.npz").write_bytes(flip_bytes(good))
+    with pytest.raises(TdbError, match=r"shard-000004.npz is corrupt \(.*\): delete "):
+        scan(corpus_file, out, settings(checkpoint_dir))
+
+
+def test_a_damaged_manifest_is_an_error_not_a_traceback(
+    scanned: Path, corpus_file: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(scanned, out)
+    manifest = json.loads((out / "scan.json").read_text())
+    (out / "scan.json").write_text(json.dumps(manifest | {"n_shards": None}))
+    with pytest.raises(TdbError, match=r"scan.json says complete but lacks its totals"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+    (out / "scan.json").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(TdbError, match=r"scan.json: not valid JSON"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+    (out / "scan.json").write_text(json.dumps(manifest | {"identity": ["not", "a", "dict"]}))
+    with pytest.raises(TdbError, match=r"holds a scan with other settings"):
+        scan(corpus_file, out, settings(checkpoint_dir))
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(
+    corpus_file: Path, checkpoint_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tdb.cli import main
+
+    def run(corpus: Path, out: Path) -> str:
+        args = ["scan", "--corpus", str(corpus), "--out", str(out), "--model", str(checkpoint_dir)]
+        assert main([*args, "--quiet", "-k", "2", "--window", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tdb: error: ") and err.count("\n") == 1, err
+        return err
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    assert f"--out {a_file} is a file, not a folder" in run(corpus_file, a_file)
+    assert "cannot create" in run(corpus_file, a_file / "below")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 and then nothing of the sort")
+    assert "garbage.parquet: not a readable Parquet file" in run(garbage, tmp_path / "o1")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "caf\xe9"}\n')
+    assert "latin1.jsonl:1: not UTF-8" in run(latin1, tmp_path / "o2")
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), ints)
+    assert "column 'text' holds int64, not strings" in run(ints, tmp_path / "o3")
 
 
 def test_a_folder_with_another_scan_is_refused(
@@ -470,6 +644,7 @@ def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
     scanned: Path, corpus_file: Path, checkpoint_dir: Path, loaded: LoadedModel, tmp_path: Path
 ) -> None:
     from tdb.scan.out_folder import open_out, shard_files
+    from tdb.scan.partial import array_layout
     from tdb.scan.run import ShardMerge
     from tdb.scan.shard import scan_shard
     from tdb.scan.sources import model_sources
@@ -481,11 +656,11 @@ def test_shards_finishing_out_of_order_wait_on_disk_and_survive_a_restart(
     cut = list(shards(read_corpus(corpus_file), loaded.tokenizer, WINDOW, s.shard_windows))
     parts = [scan_shard(loaded.model, sources, shard, s).to_arrays() for shard in cut[:3]]
     open_out(tmp_path, {"test": True})
-    first = ShardMerge.open(tmp_path, names, K)
+    first = ShardMerge.open(tmp_path, names, array_layout(sources, K, WINDOW))
     first.add(2, parts[2])  # finished early: waits as a file
     first.add(0, parts[0])  # continues the prefix: merged into the state
     assert (first.prefix, shard_files(tmp_path)) == (1, [2])
-    again = ShardMerge.open(tmp_path, names, K)  # as after a kill
+    again = ShardMerge.open(tmp_path, names, array_layout(sources, K, WINDOW))  # after a kill
     assert [again.has(i) for i in range(3)] == [True, False, True]
     again.add(1, parts[1])
     assert (again.prefix, shard_files(tmp_path)) == (3, [])

@@ -14,41 +14,130 @@ the statistics, whose float64 merge is associative only up to rounding, come out
 however the shards were run; and the folder holds one state plus at most a few shard files,
 not one checkpoint per shard.
 
-Every file is written to a temporary name and renamed into place, so a killed scan leaves either
-a whole checkpoint or none (a stray `*.tmp` is deleted on restart). A restarted scan skips every
-shard in the state or in a shard file; a finished scan (`complete` in scan.json) is left
-untouched.
+Every file is written to a temporary name of its own (`state.npz.PID.RANDOM.tmp`) and renamed
+into place, so a killed scan leaves either a whole checkpoint or none (a stray `*.tmp` is deleted
+on restart). A restarted scan skips every shard in the state or in a shard file; a finished scan
+(`complete` in scan.json) is left untouched.
+
+One scan at a time: `locked(out)` holds an advisory lock (`flock`) on DIR/scan.lock, which
+names its holder (pid, start time) for the scan that is refused. The kernel drops the lock when
+its process dies, so a killed scan's lock file blocks nothing; a scan that ends deletes it.
+
+A checkpoint that does not load (a torn or overwritten zip, a CRC error, missing arrays, wrong
+shapes or types) is a `TdbError` saying which file to delete: the shards it held are scanned
+again, and the other checkpoints stay valid (a shard file is a shard's own partial; the state
+is a prefix, so deleting it only means rescanning that prefix).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Callable
+import secrets
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from tdb.errors import TdbError
-from tdb.scan.partial import ScanPartial
+from tdb.scan.partial import Layout, ScanPartial
 
 MANIFEST = "scan.json"
 EXAMPLES = "examples.parquet"
 STATS = "stats.parquet"
 SHARDS = "shards"
 STATE = "state.npz"
+LOCK = "scan.lock"
 FORMAT_VERSION = 1
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write(file)` into path.tmp, flushed to disk, then renamed onto `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`write(file)` into a temporary file of this process's own next to `path`, flushed to disk,
+    then renamed onto `path`: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _make_folder(out: Path) -> bool:
+    """Create `out` if needed; whether it was created."""
+    try:
+        out.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if not out.is_dir():
+            raise TdbError(f"--out {out} is a file, not a folder") from None
+        return False
+    except OSError as e:
+        raise TdbError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+
+
+def _lock_holder(fd: int) -> str:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    return holder or "it is starting"
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the scan lock of folder `out` (created if needed) while the block runs; a TdbError
+    naming the holder if another scan holds it.
+
+    >>> with locked(Path("out")):
+    ...     ...  # the only scan writing to out/
+    """
+    created = _make_folder(out)
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TdbError(f"--out {out}: cannot write its lock file ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise TdbError(
+                f"--out {out} is in use by another scan ({holder}): wait for it to finish, "
+                "or choose another folder"
+            ) from None
+        except OSError as e:  # a file system without flock
+            os.close(fd)
+            raise TdbError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
+        # The holder deletes the file before it lets go: if that happened between our open and
+        # our flock, we hold the lock of a deleted file, and must lock the new one.
+        try:
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)
+    try:
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        with contextlib.suppress(OSError):  # a scan that failed before writing anything
+            if created and not any(out.iterdir()):
+                out.rmdir()  # leaves no folder behind
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -60,8 +149,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
         raise TdbError(
             f"{path}: not valid JSON ({e}); is --out another program's folder?"
         ) from None
@@ -78,23 +167,24 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 def open_out(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """Create or reopen the folder of a scan with this identity (settings + corpus); refuses a
     folder that holds a different scan. Returns the manifest."""
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out)
     manifest = read_manifest(out)
     if manifest is None:
-        if any(out.iterdir()):
+        if any(p.name != LOCK for p in out.iterdir()):
             raise TdbError(f"--out {out} is not empty and holds no scan: choose a new folder")
         manifest = {"format_version": FORMAT_VERSION, "identity": identity, "complete": False}
         write_manifest(out, manifest)
     elif manifest.get("identity") != identity:
-        old = manifest.get("identity", {})
+        old = manifest.get("identity")
+        old = old if isinstance(old, dict) else {}
         differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise TdbError(
             f"--out {out} holds a scan with other settings ({', '.join(differ)} differ): "
             "resume with the same ones, or choose a new folder"
         )
     (out / SHARDS).mkdir(exist_ok=True)
-    for stray in (out / SHARDS).glob("*.tmp"):
-        stray.unlink()  # a checkpoint a killed scan did not finish writing
+    for stray in [*out.glob("*.tmp"), *(out / SHARDS).glob("*.tmp")]:
+        stray.unlink()  # a file a killed scan did not finish writing (we hold the lock)
     return manifest
 
 
@@ -105,17 +195,55 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return dict(f.items())
+class _CorruptError(Exception):
+    """A checkpoint that does not load; turned into a TdbError with the way to recover."""
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        # Our own file object: np.load leaks its own when the zip does not open.
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise _CorruptError("not an .npz archive")
+            return dict(f.items())
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise _CorruptError(str(e).strip() or type(e).__name__) from None
+
+
+def _load_arrays(path: Path, layout: Layout, recovery: str) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint, checked against `layout`; a TdbError saying how to recover
+    if it does not load or does not match."""
+    try:
+        arrays = _read_arrays(path)
+        missing = sorted(layout.keys() - arrays.keys())
+        if missing:
+            raise _CorruptError(f"{len(missing)} arrays missing, {missing[0]} first")
+        for name, (shape, dtype) in layout.items():
+            got = arrays[name]
+            if (got.shape, got.dtype) != (shape, dtype):
+                raise _CorruptError(
+                    f"{name} is {got.dtype}{list(got.shape)}, not {dtype}{list(shape)}"
+                )
+    except _CorruptError as e:
+        raise _corrupt_error(path, str(e), recovery) from None
+    return arrays
+
+
+def _corrupt_error(path: Path, why: str, recovery: str) -> TdbError:
+    folder = path.parent if path.name == STATE else path.parent.parent
+    return TdbError(
+        f"{path} is corrupt ({why}): delete {path} and run the scan again ({recovery}), "
+        f"or delete {folder} to start over"
+    )
 
 
 def save_shard(out: Path, index: int, arrays: dict[str, np.ndarray]) -> None:
     _save_arrays(shard_path(out, index), arrays)
 
 
-def load_shard(out: Path, index: int, names: list[str]) -> ScanPartial:
-    return ScanPartial.from_arrays(_load_arrays(shard_path(out, index)), names)
+def load_shard(out: Path, index: int, names: list[str], layout: Layout) -> ScanPartial:
+    arrays = _load_arrays(shard_path(out, index), layout, f"it rescans shard {index}")
+    return ScanPartial.from_arrays(arrays, names)
 
 
 def shard_files(out: Path) -> list[int]:
@@ -135,9 +263,14 @@ def drop_state(out: Path) -> None:
     (out / STATE).unlink(missing_ok=True)
 
 
-def load_state(out: Path, names: list[str]) -> tuple[ScanPartial, int] | None:
+def load_state(out: Path, names: list[str], layout: Layout) -> tuple[ScanPartial, int] | None:
     """The saved prefix state and how many shards it holds, or None."""
     if not (out / STATE).is_file():
         return None
-    arrays = _load_arrays(out / STATE)
-    return ScanPartial.from_arrays(arrays, names), int(arrays["prefix_shards"])
+    prefix_layout = layout | {"prefix_shards": ((), np.dtype(np.int64))}
+    recovery = "it rescans the shards the state held and keeps the shard files"
+    arrays = _load_arrays(out / STATE, prefix_layout, recovery)
+    prefix = int(arrays["prefix_shards"])
+    if prefix < 1:
+        raise _corrupt_error(out / STATE, f"it says it holds {prefix} shards", recovery)
+    return ScanPartial.from_arrays(arrays, names), prefix

@@ -12,9 +12,9 @@ and layer reads one row group.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -210,8 +210,11 @@ def write_results(
 
 
 def _write(path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for table in tables:
-            writer.write_table(table)
-    os.replace(tmp, path)
+    from tdb.scan.out_folder import atomic_write
+
+    def write(f: BinaryIO) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
+            for table in tables:
+                writer.write_table(table)
+
+    atomic_write(path, write)

@@ -37,6 +37,30 @@ class SourcePartial:
 
 Bounds = dict[str, tuple[Tensor, Tensor]]
 
+# Per array of `ScanPartial.to_arrays()`: its shape and dtype (a saved partial is checked on load).
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def array_layout(sources: list[ComponentSource], k: int, window: int) -> Layout:
+    """The shape and dtype of every array of a partial of these sources, without allocating it
+    (the state of a large model is gigabytes); `ScanPartial.empty(...).to_arrays()` has these."""
+    f32, f64, i64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
+    layout: Layout = {"counts": ((3,), i64)}
+    for s in sources:
+        c = s.n_components
+        for part, key in (("top", f32), ("sample", i64)):
+            layout |= {
+                f"{s.name}/{part}/key": ((c, k), key),
+                f"{s.name}/{part}/activation": ((c, k), f32),
+                f"{s.name}/{part}/token_position": ((c, k), i64),
+                f"{s.name}/{part}/doc_id": ((c, k), i64),
+                f"{s.name}/{part}/start": ((c, k), i64),
+                f"{s.name}/{part}/values": ((c, k, window), f32),
+            }
+        for name, dtype in (("count", i64), ("mean", f64), ("m2", f64), ("max", f32)):
+            layout[f"{s.name}/moments/{name}"] = ((c,), dtype)
+    return layout
+
 
 def component_base(source_name: str) -> int:
     """Where this source's component ids start in the random-sample hash."""

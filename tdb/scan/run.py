@@ -27,13 +27,14 @@ from tdb.sae import AttachedSae
 from tdb.scan import out_folder
 from tdb.scan.corpus import corpus_fingerprint, count_documents, read_corpus
 from tdb.scan.output import write_results
-from tdb.scan.partial import Bounds, ScanPartial
+from tdb.scan.partial import Bounds, Layout, ScanPartial, array_layout
 from tdb.scan.shard import ScanSettings, scan_shard
 from tdb.scan.sources import ComponentSource, scan_sources
 from tdb.scan.windows import Shard, shards
 
-# Test-only: SIGKILL this process right after it has checkpointed this many shards.
+# Test-only: SIGKILL (or SIGSTOP) this process right after it has checkpointed this many shards.
 KILL_AFTER_SHARDS_ENV = "TDB_SCAN_TEST_KILL_AFTER_SHARDS"
+STOP_AFTER_SHARDS_ENV = "TDB_SCAN_TEST_STOP_AFTER_SHARDS"
 
 ShardDone = Callable[[Shard, dict[str, np.ndarray]], None]
 
@@ -78,23 +79,24 @@ class ShardMerge:
     """The merged prefix of finished shards plus finished shards waiting for their turn; every
     change is on disk before `add` returns (see `out_folder`)."""
 
-    def __init__(self, out: Path, names: list[str], k: int) -> None:
-        self.out, self.names, self.k = out, names, k
+    def __init__(self, out: Path, names: list[str]) -> None:
+        self.out, self.names = out, names
         self.state: ScanPartial | None = None
         self.prefix = 0
         self.waiting: dict[int, ScanPartial] = {}
 
     @staticmethod
-    def open(out: Path, names: list[str], k: int) -> ShardMerge:
-        merge = ShardMerge(out, names, k)
-        saved = out_folder.load_state(out, names)
+    def open(out: Path, names: list[str], layout: Layout) -> ShardMerge:
+        """The merge saved in `out`; `layout` (`array_layout`) is what its checkpoints must hold."""
+        merge = ShardMerge(out, names)
+        saved = out_folder.load_state(out, names, layout)
         if saved is not None:
             merge.state, merge.prefix = saved
         for index in out_folder.shard_files(out):
             if index < merge.prefix:  # merged already; killed before its file was deleted
                 out_folder.shard_path(out, index).unlink()
             else:
-                merge.waiting[index] = out_folder.load_shard(out, index, names)
+                merge.waiting[index] = out_folder.load_shard(out, index, names, layout)
         merge.advance()
         return merge
 
@@ -162,8 +164,15 @@ def scan(
     progress: Progress | None = None,
 ) -> ScanResult:
     """Scan `corpus` into `out` (resuming it if it holds this scan, unfinished); with
-    `ray_address` ("auto", "local" or a cluster address) shards run as Ray actors."""
-    progress = progress or NoProgress()
+    `ray_address` ("auto", "local" or a cluster address) shards run as Ray actors. Another scan
+    writing to `out` at the same time is a TdbError (`out_folder.locked`)."""
+    with out_folder.locked(out):
+        return _scan(corpus, out, settings, ray_address, progress or NoProgress())
+
+
+def _scan(
+    corpus: Path, out: Path, settings: ScanSettings, ray_address: str | None, progress: Progress
+) -> ScanResult:
     loaded = load_model(settings.model)
     n_ctx = loaded.model.config.n_ctx
     if settings.window > n_ctx:
@@ -183,19 +192,20 @@ def scan(
     }
     manifest = out_folder.open_out(out, identity)
     if manifest.get("complete"):
-        return ScanResult(
-            out,
-            n_shards=int(manifest["n_shards"]),
-            n_docs=int(manifest["n_docs"]),
-            n_windows=int(manifest["n_windows"]),
-            n_tokens=int(manifest["n_tokens"]),
-            shards_run=0,
-        )
+        totals = ("n_shards", "n_docs", "n_windows", "n_tokens")
+        if not all(isinstance(manifest.get(name), int) for name in totals):
+            raise TdbError(
+                f"{out / out_folder.MANIFEST} says complete but lacks its totals: "
+                f"delete {out} and scan again"
+            )
+        n_shards, n_docs, n_windows, n_tokens = (int(manifest[name]) for name in totals)
+        return ScanResult(out, n_shards, n_docs, n_windows, n_tokens, shards_run=0)
 
-    merge = ShardMerge.open(out, names, settings.k)
+    merge = ShardMerge.open(out, names, array_layout(sources, settings.k, settings.window))
     n_shards = 0
     ran = 0
     kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0"))
+    stop_after = int(os.environ.get(STOP_AFTER_SHARDS_ENV, "0"))
 
     def todo() -> Iterator[Shard]:
         nonlocal n_shards
@@ -216,6 +226,8 @@ def scan(
         ran += 1
         if ran == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if ran == stop_after:  # until SIGCONT: a scan caught mid-run, holding its folder
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def bounds() -> Bounds | None:
         return None if merge.state is None else merge.state.bounds()
