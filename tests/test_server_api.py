@@ -31,11 +31,14 @@ from tdb.table import node_table
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 SECOND = "When Tom and Anna went to the park, Anna gave a ball to"
 IOI = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
+# The server answers only to localhost names by default; Starlette's TestClient would send Host
+# `testserver` (tests/test_server_hardening.py checks that it is refused).
+LOCAL = "http://localhost"
 
 
 @pytest.fixture(scope="module")
 def client(demo: LoadedModel) -> Iterator[TestClient]:
-    with TestClient(create_app(demo, max_prompt_tokens=40)) as c:
+    with TestClient(create_app(demo, max_prompt_tokens=40), base_url=LOCAL) as c:
         yield c
 
 
@@ -126,7 +129,7 @@ def test_extra_routers_are_served(demo: LoadedModel) -> None:
     async def component(node_type: str, layer: int, index: int) -> dict[str, object]:
         return {"node_type": node_type, "layer": layer, "index": index}
 
-    with TestClient(create_app(demo, extra_routers=[router])) as c:
+    with TestClient(create_app(demo, extra_routers=[router]), base_url=LOCAL) as c:
         row = next(
             n for n in c.post("/api/nodes", json=IOI | {"k": 1}).json()["nodes"] if n["component"]
         )
@@ -246,7 +249,7 @@ def test_bad_requests_get_a_4xx_json_error(
 
 def test_wrong_method_and_checkpoint_without_tokenizer(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, with_tokenizer=False)
-    with TestClient(create_app(load_model(tmp_path))) as c:
+    with TestClient(create_app(load_model(tmp_path)), base_url=LOCAL) as c:
         assert c.get("/api/nodes").status_code == 405
         text = c.post("/api/nodes", json=IOI)
         assert text.status_code == 400 and "give token ids instead" in text.json()["error"]
@@ -265,7 +268,7 @@ def test_a_full_queue_answers_503_and_the_server_stays_responsive(demo: LoadedMo
         release.wait(timeout=30)
 
     blocker = threading.Thread(target=asyncio.run, args=(state.worker.run(block),))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         blocker.start()
         try:
             assert started.wait(timeout=30)
