@@ -28,7 +28,6 @@ from tdb.nodes import LatentSite, NodeType
 from tdb.scan.out_folder import EXAMPLES, STATS, read_manifest
 from tdb.scan.schemas import Component, ComponentStats, Example
 
-
 # Layers and indices are small non-negative integers; a number past int32 cannot be in the scan,
 # and one past int64 made pyarrow's filter raise OverflowError (a plain-text 500). Checked by
 # the route, so the answer is a 422 naming the part (`path.index: ...`).
