@@ -270,6 +270,8 @@ def run_nodes(args: argparse.Namespace) -> None:
 
     loaded = load_model(args.model)
     table = run_request(loaded, request)
+    for warning in table.warnings:
+        print(f"tdb: warning: {warning}", file=sys.stderr)
     if args.json:
         json.dump(table.to_json(), sys.stdout)
         sys.stdout.write("\n")
