@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", default="8000", help="port (default 8000)")
     serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable); by default only 127.0.0.1, "
+        "localhost and [::1] (and the --host address), which stops DNS-rebinding pages",
+    )
+    serve.add_argument(
         "--max-prompt-tokens", default="512", metavar="N", help="longest prompt (default 512)"
     )
     serve.add_argument(
@@ -263,6 +271,8 @@ def run_nodes(args: argparse.Namespace) -> None:
 
     loaded = load_model(args.model)
     table = run_request(loaded, request)
+    for warning in table.warnings:
+        print(f"tdb: warning: {warning}", file=sys.stderr)
     if args.json:
         json.dump(table.to_json(), sys.stdout)
         sys.stdout.write("\n")
@@ -298,8 +308,9 @@ def run_serve(args: argparse.Namespace) -> None:
         queue_size=queue_size,
         cache_size=cache_size,
         extra_routers=routers,
+        allowed_hosts=serve_hosts(args),
     )
-    if args.host not in {"127.0.0.1", "localhost", "::1"}:
+    if args.host not in LOCAL_ADDRESSES:
         print(
             f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
             "no authentication",
@@ -307,6 +318,17 @@ def run_serve(args: argparse.Namespace) -> None:
         )
     print(f"tdb: serving {loaded.name} at http://{args.host}:{port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=port, log_level="warning")
+
+
+WILDCARD_ADDRESSES = {"0.0.0.0", "::", ""}
+LOCAL_ADDRESSES = {"127.0.0.1", "localhost", "::1"}  # always answered (tdb.server.app)
+
+
+def serve_hosts(args: argparse.Namespace) -> list[str]:
+    """The Host names `tdb serve` answers besides the localhost ones: each --allow-host, and the
+    address it binds to when that is one address (a name a client may use for it)."""
+    bound = [] if args.host in WILDCARD_ADDRESSES | LOCAL_ADDRESSES else [args.host]
+    return [*args.allow_host, *(h for h in bound if h not in args.allow_host)]
 
 
 def resolve_choice(

@@ -67,7 +67,7 @@ def demo() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def client(demo: LoadedModel) -> Iterator[TestClient]:
-    with TestClient(create_app(demo)) as c:
+    with TestClient(create_app(demo), base_url="http://localhost") as c:
         yield c
 
 

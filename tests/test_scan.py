@@ -685,7 +685,8 @@ def test_node_table_rows_link_to_the_scans_component_pages(
     from tdb.scan.routes import scan_router
     from tdb.server.app import create_app
 
-    client = TestClient(create_app(loaded, extra_routers=[scan_router(scanned)]))
+    app = create_app(loaded, extra_routers=[scan_router(scanned)])
+    client = TestClient(app, base_url="http://localhost")  # a Host the server answers
     got = client.post("/api/nodes", json={"prompt": [5, 9, 2, 7], "target": 3, "distractor": 4})
     assert got.status_code == 200, got.text
     rows = [r for r in got.json()["nodes"] if r["component"] is not None]

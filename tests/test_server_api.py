@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.metrics import Group
-from tdb.server.app import create_app
+from tdb.server.app import MAX_BODY_BYTES, create_app
 from tdb.server.cache import ResultCache
 from tdb.server.state import ServerState
 from tdb.server.worker import ModelWorker, QueueFullError
@@ -31,11 +31,14 @@ from tdb.table import node_table
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 SECOND = "When Tom and Anna went to the park, Anna gave a ball to"
 IOI = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
+# The server answers only to localhost names by default; Starlette's TestClient would send Host
+# `testserver` (tests/test_server_hardening.py checks that it is refused).
+LOCAL = "http://localhost"
 
 
 @pytest.fixture(scope="module")
 def client(demo: LoadedModel) -> Iterator[TestClient]:
-    with TestClient(create_app(demo, max_prompt_tokens=40)) as c:
+    with TestClient(create_app(demo, max_prompt_tokens=40), base_url=LOCAL) as c:
         yield c
 
 
@@ -126,7 +129,7 @@ def test_extra_routers_are_served(demo: LoadedModel) -> None:
     async def component(node_type: str, layer: int, index: int) -> dict[str, object]:
         return {"node_type": node_type, "layer": layer, "index": index}
 
-    with TestClient(create_app(demo, extra_routers=[router])) as c:
+    with TestClient(create_app(demo, extra_routers=[router]), base_url=LOCAL) as c:
         row = next(
             n for n in c.post("/api/nodes", json=IOI | {"k": 1}).json()["nodes"] if n["component"]
         )
@@ -246,7 +249,7 @@ def test_bad_requests_get_a_4xx_json_error(
 
 def test_wrong_method_and_checkpoint_without_tokenizer(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, with_tokenizer=False)
-    with TestClient(create_app(load_model(tmp_path))) as c:
+    with TestClient(create_app(load_model(tmp_path)), base_url=LOCAL) as c:
         assert c.get("/api/nodes").status_code == 405
         text = c.post("/api/nodes", json=IOI)
         assert text.status_code == 400 and "give token ids instead" in text.json()["error"]
@@ -265,7 +268,7 @@ def test_a_full_queue_answers_503_and_the_server_stays_responsive(demo: LoadedMo
         release.wait(timeout=30)
 
     blocker = threading.Thread(target=asyncio.run, args=(state.worker.run(block),))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         blocker.start()
         try:
             assert started.wait(timeout=30)
@@ -384,3 +387,99 @@ def test_latent_rows_carry_their_type_and_component_link(client: TestClient) -> 
     assert not [r for r in out["nodes"] if r["node_type"] == "mlp_neuron"]
     bad = client.post("/api/nodes", json=IOI | {"mlp_nodes": "neurones"})
     assert bad.status_code == 422 and "mlp_nodes" in bad.text
+
+
+# Each limit of docs/server.md's table, at the limit (accepted: the schema lets it through) and
+# one past it (refused). Past-the-limit cases of k, verify, the prompt's tokens and the body's
+# Content-Length are in BAD_REQUESTS; a chunked body's are in test_server_hardening.py.
+IDS = [5] * 40  # 40 tokens: the fixture's --max-prompt-tokens
+LIMITS = [
+    ("prompt tokens", IOI | {"prompt": IDS}, 200, IOI | {"prompt": [*IDS, 5]}, 400),
+    ("prompt text", IOI | {"prompt": "a" * 20_000}, 400, IOI | {"prompt": "a" * 20_001}, 422),
+    ("token ids", IOI | {"prompt": [5] * 8_192}, 400, IOI | {"prompt": [5] * 8_193}, 422),
+    ("k", IOI | {"k": 100}, 200, IOI | {"k": 101}, 422),
+    ("verify", IOI | {"k": 1, "verify": 20}, 200, IOI | {"k": 1, "verify": 21}, 422),
+    ("ablate", IOI | {"ablate": ["e@1"] * 32}, 200, IOI | {"ablate": ["e@1"] * 33}, 422),
+    ("targets", IOI | {"target": [" Mary"] * 32}, 200, IOI | {"target": [" Mary"] * 33}, 422),
+    (
+        "mean prompts",
+        IOI | {"ablate": ["e@1:mean"], "mean_prompts": [PROMPT] * 8},
+        200,
+        IOI | {"ablate": ["e@1:mean"], "mean_prompts": [PROMPT] * 9},
+        422,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("at", "at_status", "past", "past_status"),
+    [case[1:] for case in LIMITS],
+    ids=[case[0] for case in LIMITS],
+)
+def test_each_request_limit_at_and_past_it(
+    client: TestClient,
+    at: dict[str, object],
+    at_status: int,
+    past: dict[str, object],
+    past_status: int,
+) -> None:
+    response = client.post("/api/nodes", json=at)
+    assert response.status_code == at_status, response.text
+    if at_status == 400:  # through the schema; refused by the server's prompt-token limit
+        assert "tokens" in response.json()["error"]  # the model's context or the server's limit
+    response = client.post("/api/nodes", json=past)
+    assert response.status_code == past_status, response.text
+
+
+def test_the_body_limit_at_and_past_it(client: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    at = client.post("/api/nodes", content=b" " * MAX_BODY_BYTES, headers=headers)
+    assert at.status_code == 422 and "not valid JSON" in at.json()["error"]  # read and parsed
+    past = client.post("/api/nodes", content=b" " * (MAX_BODY_BYTES + 1), headers=headers)
+    assert past.status_code == 413, past.text
+
+
+def test_the_batch_limit_at_and_past_it(client: TestClient) -> None:
+    item = {"route": "tokenize", "request": {"text": " Mary"}}
+    at = client.post("/api/batch", json={"requests": [item] * 16})
+    assert at.status_code == 200 and len(at.json()["responses"]) == 16
+    past = client.post("/api/batch", json={"requests": [item] * 17})
+    assert past.status_code == 422 and "at most 16 items" in past.json()["error"]
+
+
+@pytest.mark.parametrize("queue_size", [0, 2])
+def test_the_queue_limit_at_and_past_it(queue_size: int) -> None:
+    """`queue_size` jobs wait behind the running one; the next is refused at once."""
+    worker = ModelWorker(queue_size)
+
+    async def main() -> None:
+        gate = threading.Event()
+        accepted = [
+            asyncio.ensure_future(worker.run(lambda: gate.wait(30))) for _ in range(queue_size + 1)
+        ]
+        await asyncio.sleep(0.05)
+        assert worker.pending == queue_size + 1 and not any(j.done() for j in accepted)
+        with pytest.raises(QueueFullError):
+            await worker.run(lambda: None)
+        gate.set()
+        await asyncio.gather(*accepted)
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.close()
+
+
+def test_the_cache_limits_through_the_app(demo: LoadedModel) -> None:
+    """`cache_size` results are kept, one more evicts the oldest; `cache_bytes` likewise."""
+    with TestClient(create_app(demo, cache_size=2), base_url=LOCAL) as c:
+        requests = [IOI | {"k": k} for k in (1, 2, 3)]
+        for request in requests[:2]:
+            assert c.post("/api/nodes", json=request).headers["x-tdb-cache"] == "miss"
+        assert c.app.state.tdb.cache.__len__() == 2  # type: ignore[attr-defined]
+        assert c.post("/api/nodes", json=requests[0]).headers["x-tdb-cache"] == "hit"
+        c.post("/api/nodes", json=requests[2])  # past the limit: k=2 (least recent) goes
+        assert c.post("/api/nodes", json=requests[1]).headers["x-tdb-cache"] == "miss"
+    with TestClient(create_app(demo, cache_bytes=10), base_url=LOCAL) as c:
+        c.post("/api/nodes", json=requests[0])  # a result over cache_bytes is not kept
+        assert c.post("/api/nodes", json=requests[0]).headers["x-tdb-cache"] == "miss"

@@ -67,7 +67,9 @@ def requests(draw: st.DrawFn) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def client(loaded: LoadedModel) -> TestClient:
-    return TestClient(create_app(loaded), raise_server_exceptions=False)
+    return TestClient(
+        create_app(loaded), raise_server_exceptions=False, base_url="http://localhost"
+    )
 
 
 @given(request=requests(), views=st.booleans())

@@ -16,16 +16,24 @@ import json
 import math
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow.parquet as pq
 from fastapi import APIRouter, HTTPException
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse
 
 from tdb.errors import TdbError
 from tdb.nodes import LatentSite, NodeType
 from tdb.scan.out_folder import EXAMPLES, STATS, read_manifest
 from tdb.scan.schemas import Component, ComponentStats, Example
+
+# Layers and indices are small non-negative integers; a number past int32 cannot be in the scan,
+# and one past int64 made pyarrow's filter raise OverflowError (a plain-text 500). Checked by
+# the route, so the answer is a 422 naming the part (`path.index: ...`).
+MAX_NUMBER = 2**31 - 1
+Layer = Annotated[int, PathParam(ge=0, le=MAX_NUMBER, description="the layer, from 0")]
+Index = Annotated[int, PathParam(ge=0, le=MAX_NUMBER, description="neuron, head or latent")]
 
 
 def _finite(x: float) -> float | None:
@@ -96,7 +104,7 @@ def scan_router(out: Path) -> APIRouter:
 
     @router.get("/api/component/{node_type}/{layer}/{index}", response_model=Component)
     def component_json(
-        node_type: NodeType, layer: int, index: int, site: LatentSite | None = None
+        node_type: NodeType, layer: Layer, index: Index, site: LatentSite | None = None
     ) -> Component:
         return load(node_type, layer, index, site)
 
@@ -106,7 +114,7 @@ def scan_router(out: Path) -> APIRouter:
         responses={404: {"description": "no such component in the scan"}},
     )
     def component_page(
-        node_type: NodeType, layer: int, index: int, site: LatentSite | None = None
+        node_type: NodeType, layer: Layer, index: Index, site: LatentSite | None = None
     ) -> Any:
         return HTMLResponse(page_html(load(node_type, layer, index, site)))
 

@@ -6,7 +6,8 @@
 Errors: bad input (`TdbError`) is 400, a request that does not match the schema (malformed JSON,
 wrong types, out-of-range numbers) is 422, unknown routes 404, a body over 4 MiB 413, a full
 model queue 503 with Retry-After; every one is JSON `{"error": "<what to change>"}`. A 500
-means a bug in tdb.
+means a bug in tdb. A request whose Host is not one of this server's names is a 400 before
+anything else (a web page that rebinds its DNS name to 127.0.0.1 must not drive the server).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
@@ -32,6 +33,8 @@ from tdb.server.worker import ModelWorker, QueueFullError
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20  # far above any request the schema allows, far below harm
+# The names a server answers to unless told more (`allowed_hosts`, `tdb serve --allow-host`).
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def create_app(
@@ -42,6 +45,7 @@ def create_app(
     cache_size: int = 256,
     cache_bytes: int = 64 << 20,
     extra_routers: Sequence[APIRouter] = (),
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The app for one loaded model.
 
@@ -49,6 +53,8 @@ def create_app(
     - `queue_size`: model jobs that may wait behind the running one before a 503.
     - `cache_size`, `cache_bytes`: the results cache's bounds (entries, bytes of JSON).
     - `extra_routers`: more routes on the same app (e.g. the corpus scan's component pages).
+    - `allowed_hosts`: Host names (any port) accepted besides 127.0.0.1, localhost and [::1];
+      a request with another Host gets a 400.
     """
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -72,6 +78,7 @@ def create_app(
         app.include_router(extra)
     add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HostCheck, allowed=(*LOCAL_HOSTS, *allowed_hosts))  # outermost: first
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -82,20 +89,85 @@ def create_app(
 
 
 class BodyLimit:
-    """Answers 413 to a request whose Content-Length is over `max_bytes`, before reading it."""
+    """Answers 413 to a request whose body is over `max_bytes`: at once when its Content-Length
+    says so, else (a chunked body) as soon as the bytes received pass the limit, without reading
+    the rest. The bytes are counted where they arrive, in `receive`, so nothing downstream (the
+    JSON parser on the event loop) ever holds more than `max_bytes` of one body."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_bytes:
-                message = f"the request body is over {self.max_bytes} bytes: send less"
-                await error(413, message)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is over {self.max_bytes} bytes: send less"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await error(413, message)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the route's body read: FastAPI passes an HTTPException on,
+                    # and the app's handler answers it as JSON (`http_error`).
+                    raise HTTPException(413, message)
+            return event
+
+        try:
+            await self.app(scope, counted, send)
+        except HTTPException as e:  # a route outside FastAPI's handlers read the body
+            if e.status_code != 413:
+                raise
+            await error(413, message)(scope, receive, send)
+
+
+class HostCheck:
+    """Answers 400 to a request whose Host header is not one of `allowed` (any port; a missing
+    Host too). A browser sends the page's own name as Host, so a page on another site that
+    rebinds its name to 127.0.0.1 (DNS rebinding) is refused instead of driving the model."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan (the app serves no websockets)
+            await self.app(scope, receive, send)
+            return
+        raw = dict(scope["headers"]).get(b"host")
+        host = None if raw is None else raw.decode("latin-1")
+        if host is not None and host_name(host) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        if host is None:
+            message = "the request has no Host header; send one (e.g. Host: 127.0.0.1)"
+        else:
+            name = host_name(host) or host
+            shown = f"[{name}]" if ":" in name else name
+            message = (
+                f"Host {host!r} is not one of this server's names ("
+                f"{', '.join(sorted(self.allowed))}); to reach it by this name, restart it "
+                f"with tdb serve --allow-host {shown}, or create_app(allowed_hosts=[{name!r}])"
+            )
+        await error(400, message)(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """A Host header's name, without its port, lower case: `[::1]:8000` -> `::1`,
+    `LocalHost:80` -> `localhost`, `example.org.` -> `example.org`."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal, maybe with a port
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.split(":")[0]
+    return host.rstrip(".")
 
 
 def error(status: int, message: str, **extra: object) -> JSONResponse:
@@ -157,8 +229,23 @@ def add_error_handlers(app: FastAPI) -> None:
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+            # FastAPI answers 400 "There was an error parsing the body" when the JSON parser
+            # fails other than by a syntax error: bytes that are not UTF-8 (UnicodeDecodeError,
+            # a ValueError) or nesting past Python's recursion limit. Both are malformed JSON,
+            # which docs/server.md promises is a 422.
+            return error(422, f"the request body is not valid JSON ({not_json(exc.__cause__)})")
         response = error(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
+
+
+def not_json(cause: BaseException) -> str:
+    """Why a body FastAPI could not parse is not JSON, for a person to read."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8: byte {cause.object[cause.start]:#x} at {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    return str(cause)

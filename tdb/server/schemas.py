@@ -235,6 +235,11 @@ class NodeTableResponse(BaseModel):
     token_views: TokenViews | None = Field(
         default=None, description="with `views` or `view_nodes`: as the views route's fields"
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what makes the table unhelpful without an error, for a person to read "
+        "(e.g. a target equal to the distractor: a zero direction)",
+    )
 
 
 class ViewsResponse(TokenViews):

@@ -39,15 +39,24 @@ class ModelWorker:
         self._executor: ThreadPoolExecutor | None = None  # started by the first job
         self._lock = threading.Lock()
         self._pending = 0  # the running job plus the waiting ones
-        self._mean_seconds = 0.1  # running mean of job times, for Retry-After
+        # For Retry-After: a running mean of job times (None until a job has ended), and when
+        # the running job started (None when none runs).
+        self._mean_seconds: float | None = None
+        self._started: float | None = None
 
     @property
     def pending(self) -> int:
         return self._pending
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained enough to take a job (at least 1)."""
-        return max(1, math.ceil(self._pending * self._mean_seconds))
+        """Seconds until the jobs pending now have likely run (at least 1): their number times
+        the mean job time, or the running job's time so far when that is longer (the first
+        jobs have no mean yet, and a slow job says more about the next ones than an old mean).
+        """
+        started = self._started
+        running = 0.0 if started is None else time.perf_counter() - started
+        per_job = max(self._mean_seconds or 0.0, running)
+        return max(1, math.ceil(self._pending * per_job))
 
     async def run(self, job: Callable[[], T]) -> T:
         """Run `job` on the worker thread and wait for it; QueueFullError if too many wait."""
@@ -69,12 +78,14 @@ class ModelWorker:
         return await asyncio.wrap_future(future)
 
     def _timed(self, job: Callable[[], T]) -> T:
-        start = time.perf_counter()
+        start = self._started = time.perf_counter()
         try:
             return job()
         finally:
             elapsed = time.perf_counter() - start
-            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+            mean = self._mean_seconds
+            self._mean_seconds = elapsed if mean is None else 0.8 * mean + 0.2 * elapsed
+            self._started = None
 
     def _release(self, _: object) -> None:
         with self._lock:

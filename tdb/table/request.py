@@ -28,6 +28,9 @@ TokenSpec = str | int  # a token as text (one token) or as its id
 Tokens = TokenSpec | Sequence[TokenSpec]  # one or several (several: their mean)
 
 E = TypeVar("E", bound=Enum)
+# Each verified node is one more forward pass: past a few hundred, `verify` would run for hours
+# on a large table. (The server allows fewer: tdb.server.schemas.MAX_VERIFY.)
+MAX_VERIFY = 200
 MLP_NODE_CHOICES = ("neurons", "latents", "both")
 ATTN_NODE_CHOICES = ("heads", "latents", "both")
 
@@ -93,6 +96,11 @@ class NodeRequest:
             raise TdbError(f"-k must be >= 0, got {self.k}")
         if self.verify < 0:
             raise TdbError(f"--verify must be >= 0, got {self.verify}")
+        if self.verify > MAX_VERIFY:
+            raise TdbError(
+                f"--verify must be at most {MAX_VERIFY} (each verified node is one more forward "
+                f"pass), got {self.verify}"
+            )
         groups = [g if g in METRIC_SPECS else member(Group, g, "--groups") for g in self.groups]
         if not groups:
             raise TdbError(f"--groups: give at least one of {', '.join(g.value for g in Group)}")

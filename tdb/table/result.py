@@ -93,6 +93,8 @@ class NodeTable:
     right_token_texts: list[str] | None = None
     verification: Verification | None = None
     token_views: TokenViews | None = None
+    # What the table is silently unhelpful about, for a person to read (e.g. a zero direction).
+    warnings: list[str] = field(default_factory=list)
 
     def node_name(self, node: NodeIndex) -> str:
         """A name a person reads: `L2 head 3 ' to'@7 <- ' Mary'@4`."""
@@ -163,6 +165,7 @@ class NodeTable:
             "verification": None,
             "verification_summary": None,
             "token_views": None if self.token_views is None else self.token_views.to_json(),
+            "warnings": list(self.warnings),
         }
         if self.verification is not None:
             doc["verification"] = [v.to_json() for v in self.verification.rows]

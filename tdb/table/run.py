@@ -12,8 +12,10 @@ per verified node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -180,11 +182,31 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         nodes=result.nodes,
         values={g: result.values[g].tolist() for g in groups},
         columns=columns,
+        warnings=direction_warnings(direction, tokenizer.token_text),
         **table_fields,  # type: ignore[arg-type]
     )
     if request.node_types is None and request.sort is None:
         return table
     return table.select(request.node_types, request.sort)
+
+
+def direction_warnings(direction: Direction, token_text: Callable[[int], str]) -> list[str]:
+    """What makes a direction useless without an error: the target's tokens and the
+    distractor's with the same mean (the same token, or the same tokens in another order) give
+    logit(target) - logit(distractor) = 0, so every gradient is zero."""
+
+    def mean_weights(ids: list[int]) -> dict[int, Fraction]:
+        return {t: Fraction(n, len(ids)) for t, n in Counter(ids).items()}
+
+    target = direction_token_ids(direction, "target_ids")
+    distractor = direction_token_ids(direction, "distractor_ids")
+    if target and distractor and mean_weights(target) == mean_weights(distractor):
+        texts = ", ".join(repr(token_text(t)) for t in dict.fromkeys(target))
+        return [
+            f"the target and the distractor are the same ({texts}): the direction is zero, so "
+            "act_times_grad is 0 for every node; give a different distractor"
+        ]
+    return []
 
 
 def direction_token_ids(direction: Direction, field_name: str) -> list[int]:
