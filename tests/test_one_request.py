@@ -166,3 +166,19 @@ def test_a_trace_needs_no_target_unless_through_the_value(
     through_v = ["--trace", "h2.1@13:9:v", "--downstream", "n2.4@13", "--json", "-k", "2"]
     assert main(["nodes", PROMPT, *through_v]) == 0
     assert json.loads(capsys.readouterr().out)["direction"]["downstream"] == "n2.4@13"
+
+
+def test_zero_ablating_an_inactive_latent_warns(demo: LoadedModel) -> None:
+    """A TopK SAE latent that is 0 at a token changes nothing when zero-ablated there: the
+    table says so instead of silently showing no effect; an active one gets no warning."""
+    latents = ["am2.235@13", "am2.0@13", "am2.1@13", "am2.2@13"]  # 235: active (a top row)
+    tables = [
+        node_table(demo, PROMPT, " Mary", " John", k=1, ablate=[latent], mlp_nodes="both")
+        for latent in latents
+    ]
+    inert = [t for t in tables if t.warnings]
+    assert inert and len(inert) < len(tables)
+    for table in tables:
+        unchanged = table.direction_value == table.baseline_value
+        assert unchanged == bool(table.warnings), (table.warnings, table.direction_value)
+    assert "changes nothing: its activation there is already 0" in inert[0].warnings[0]

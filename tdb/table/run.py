@@ -20,7 +20,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from tdb.ablation import ablation_hooks
+from tdb.ablation import Ablation, AblationKind, ablation_hooks
 from tdb.capture import Capture, capture
 from tdb.checkpoint import LoadedModel
 from tdb.direction import Direction
@@ -129,6 +129,7 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     main = run(token_tensor, None if request.dense else max(k, request.verify), hooks)
     columns: dict[str, list[float]] = {}
     table_fields: dict[str, object] = {}
+    warnings: list[str] = []
     if ablations:
         baseline = run(token_tensor)
         result = values_at(main.store, groups, table_nodes([main.store], groups, k))
@@ -137,6 +138,7 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
             columns[f"{g.value}_baseline"] = before.values[g].tolist()
             columns[f"{g.value}_diff"] = (result.values[g] - before.values[g]).tolist()
         table_fields["baseline_value"] = baseline.direction_value
+        warnings += inert_ablations(ablations, baseline.store)
     elif request.compare_prompt is not None:
         second = tokenizer.prompt_ids(request.compare_prompt, n_ctx, "the compare prompt")
         if len(second) != len(tokens):
@@ -182,12 +184,28 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         nodes=result.nodes,
         values={g: result.values[g].tolist() for g in groups},
         columns=columns,
-        warnings=direction_warnings(direction, tokenizer.token_text),
+        warnings=direction_warnings(direction, tokenizer.token_text) + warnings,
         **table_fields,  # type: ignore[arg-type]
     )
     if request.node_types is None and request.sort is None:
         return table
     return table.select(request.node_types, request.sort)
+
+
+def inert_ablations(ablations: Sequence[Ablation], store: ScalarStore) -> list[str]:
+    """Zero-ablating a node whose activation is already 0 (an inactive SAE latent, a ReLU
+    neuron, a head that does not attend there) changes nothing: say so, not silently."""
+    nodes = [
+        a.node for a in ablations if a.kind is AblationKind.ZERO and isinstance(a.node, NodeIndex)
+    ]
+    if not nodes or Group.ACTIVATION not in store.groups:
+        return []
+    values = store.values_at(Group.ACTIVATION, nodes).tolist()
+    return [
+        f"zero-ablating {node.id} changes nothing: its activation there is already 0"
+        for node, value in zip(nodes, values, strict=True)
+        if value == 0
+    ]
 
 
 def direction_warnings(direction: Direction, token_text: Callable[[int], str]) -> list[str]:
