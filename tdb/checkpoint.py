@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,18 +133,29 @@ def load_tensors_only(path: Path) -> object:
     """`torch.load(path, weights_only=True)`: tensors and plain containers. A pickle that holds
     anything else (code to run, other objects) is refused, never executed: a TdbError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 200": the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch explains at length, and suggests weights_only=False; tdb never does that.
-        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. |$)", str(e), re.MULTILINE)
-        detail = found.group(1) if found else reason(e)
-        raise TdbError(
-            f"{path}: refused, it holds more than tensors ({detail}); tdb reads pickled "
-            "weights with torch.load(weights_only=True) and runs no code from them"
-        ) from None
+        detail = unpickler_complaint(str(e)) or reason(e)
+        if "Unsupported global" in detail:
+            raise TdbError(
+                f"{path}: refused, it holds more than tensors ({detail}); tdb reads pickled "
+                "weights with torch.load(weights_only=True) and runs no code from them"
+            ) from None
+        raise TdbError(f"{path}: not a readable torch file ({detail})") from None
     # A broken file fails in many ways: RuntimeError (a broken zip), EOFError, KeyError, ...
     except Exception as e:
         raise TdbError(f"{path}: not a readable torch file ({reason(e)})") from None
+
+
+def unpickler_complaint(message: str) -> str:
+    """The one sentence of torch's weights-only refusal that names the problem, or ''."""
+    marker = "WeightsUnpickler error:"
+    after = message[message.find(marker) + len(marker) :] if marker in message else ""
+    first = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    return reason(ValueError(first.split(". ")[0])) if first else ""
 
 
 def read_pickled_weights(path: Path) -> dict[str, Tensor]:

@@ -19,4 +19,6 @@ def reason(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours (torch.load has some)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
+    # Control characters (from a corrupted file, say) are shown escaped, not sent to a terminal.
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
     return text if len(text) <= 200 else text[:197] + "..."
