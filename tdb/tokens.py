@@ -6,7 +6,7 @@ Without tokenizer files a model still works on token ids; token text is then sho
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -119,8 +119,11 @@ class Tokenizer:
             if not prompt:
                 raise TdbError(f"{what} is empty: give some text (or token ids)")
             tokens = self.encode(prompt)
-        else:
+        elif isinstance(prompt, Iterable):
             tokens = [self.check_id(token_id(t, what), "token id") for t in prompt]
+        else:
+            kind = type(prompt).__name__
+            raise TdbError(f"{what} must be text or a list of token ids, got {kind}")
         if not tokens:
             raise TdbError(f"{what} has no tokens")
         if len(tokens) > n_ctx:

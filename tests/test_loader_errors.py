@@ -105,6 +105,8 @@ def test_a_list_of_text_prompts_is_refused_by_name(good: Path) -> None:
     loaded = load_model(good)
     with pytest.raises(TdbError, match="text or a list of token ids"):
         unchecked(lambda: node_table(loaded, ["When Mary", "and John"], " a", " b"))  # type: ignore[arg-type]
+    with pytest.raises(TdbError, match="text or a list of token ids, got int"):
+        unchecked(lambda: node_table(loaded, 5, " a", " b"))  # type: ignore[arg-type]
 
 
 # --- weights ------------------------------------------------------------------------------------
