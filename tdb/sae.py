@@ -181,6 +181,13 @@ def with_weights(
     sae.requires_grad_(False)
 
 
+def new_sae(d_in: int, d_sae: int, k: int | None, where: str) -> SparseAutoencoder:
+    try:
+        return SparseAutoencoder(d_in, d_sae, k)
+    except TdbError as e:  # k outside 1..d_sae
+        raise TdbError(f"{where}: {e}") from None
+
+
 OPENAI_TENSORS = {"pre_bias": 1, "encoder.weight": 2, "latent_bias": 1, "decoder.weight": 2}
 SAELENS_TENSORS = {"W_enc": 2, "W_dec": 2, "b_enc": 1, "b_dec": 1}
 
@@ -209,7 +216,7 @@ def load_openai_layout(path: Path) -> AttachedSae:
     site = parse_site(metadata["site"], where)
     layer = integer(metadata["layer"], "layer", where)
     d_sae, d_in = tensors["encoder.weight"].shape
-    sae = SparseAutoencoder(d_in, d_sae, k)
+    sae = new_sae(d_in, d_sae, k, where)
     with_weights(
         sae,
         {
@@ -268,7 +275,7 @@ def load_saelens_layout(directory: Path) -> AttachedSae:
     tensors, _ = read_sae_file(directory / SAELENS_WEIGHTS, where)
     tensors = checked_tensors(tensors, SAELENS_TENSORS, where)
     d_in, d_sae = tensors["W_enc"].shape
-    sae = SparseAutoencoder(d_in, d_sae, k)
+    sae = new_sae(d_in, d_sae, k, where)
     b_dec = tensors["b_dec"]
     with_weights(
         sae,

@@ -263,6 +263,11 @@ RELU_MLP_OUT = {"activation": "ReLU", "site": "mlp_out", "layer": "0"}
     [
         ({"activation": "TopK", "k": "abc", "site": "mlp_out", "layer": "0"}, {}, "k"),
         ({**RELU_MLP_OUT, "layer": "one"}, {}, "layer"),
+        (
+            {"activation": "TopK", "k": "0", "site": "mlp_out", "layer": "0"},
+            {},
+            "sae.safetensors: ",
+        ),
         (RELU_MLP_OUT, {"encoder.weight": torch.zeros(16 * D_MODEL)}, "encoder.weight"),
         (RELU_MLP_OUT, {"decoder.weight": torch.zeros(D_MODEL, 17)}, "decoder.weight"),
         (RELU_MLP_OUT, {"latent_bias": torch.zeros(16, dtype=torch.complex64)}, "latent_bias"),
