@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from tdb.activation_cache import CachePoints, HooksArg, Prompts, RunResult, run_with_cache
-from tdb.errors import TdbError
+from tdb.errors import TdbError, reason
 from tdb.models import gpt2, llama, neox
-from tdb.models.base import TransformerModel
+from tdb.models.base import ModelConfig, TransformerModel
 from tdb.models.hf import HFConfig
 from tdb.tokens import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "checkpoint"
+# A tensor of one layer: GPT-2's `h.3.`, the Llama family's and GPT-NeoX's `layers.3.`.
+LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,17 @@ def hf_cache_dirs() -> list[Path]:
     return [*dirs, default / "hub", default]
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Whether `--model NAME` is meant as a path: absolute, relative to `.`, `..` or `~`, or with
+    more than one `/` (a Hugging Face name is `model` or `org/model`)."""
+    return (
+        Path(name).is_absolute()
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
 def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     """The checkpoint directory for a path, a cached model name, or None (the demo model)."""
     if name_or_path is None:
@@ -79,6 +96,13 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise TdbError(f"--model: {path} is a file; give the checkpoint's directory")
+    if looks_like_a_path(str(name_or_path)):
+        raise TdbError(
+            f"--model: directory {path} does not exist, so it is neither a checkpoint directory "
+            "nor a model in the local Hugging Face cache"
+        )
     repo_dir = "models--" + str(name_or_path).replace("/", "--")
     for cache in hf_cache_dirs():
         snapshots = cache / repo_dir / "snapshots"
@@ -97,31 +121,108 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     )
 
 
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of one safetensors file, or a TdbError saying why it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise TdbError(f"{path}: not a readable safetensors file ({reason(e)})") from None
+
+
+def load_tensors_only(path: Path) -> object:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers. A pickle that holds
+    anything else (code to run, other objects) is refused, never executed: a TdbError."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 200": the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch explains at length, and suggests weights_only=False; tdb never does that.
+        detail = unpickler_complaint(str(e)) or reason(e)
+        if "Unsupported global" in detail:
+            raise TdbError(
+                f"{path}: refused, it holds more than tensors ({detail}); tdb reads pickled "
+                "weights with torch.load(weights_only=True) and runs no code from them"
+            ) from None
+        raise TdbError(f"{path}: not a readable torch file ({detail})") from None
+    # A broken file fails in many ways: RuntimeError (a broken zip), EOFError, KeyError, ...
+    except Exception as e:
+        raise TdbError(f"{path}: not a readable torch file ({reason(e)})") from None
+
+
+def unpickler_complaint(message: str) -> str:
+    """The one sentence of torch's weights-only refusal that names the problem, or ''."""
+    marker = "WeightsUnpickler error:"
+    after = message[message.find(marker) + len(marker) :] if marker in message else ""
+    first = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    return reason(ValueError(first.split(". ")[0])) if first else ""
+
+
+def read_pickled_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a `pytorch_model.bin`, read with `weights_only=True`: anything else in the
+    pickle (code to run, objects) is refused, not executed."""
+    weights = load_tensors_only(path)
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
+    ):
+        raise TdbError(f"{path}: must hold a dict of named tensors, got {type(weights).__name__}")
+    return weights
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, by its name there, as float32."""
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
-        weights = load_file(str(directory / "model.safetensors"))
+        weights = read_safetensors(directory / "model.safetensors")
     elif index.is_file():  # sharded: the index maps each tensor to its file
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise TdbError(f"{index}: not a safetensors index ({e!r})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TdbError(f"{index}: not a safetensors index ({reason(e)})") from None
         weights = {}
         for shard in shards:
-            if not (directory / shard).is_file():
-                raise TdbError(f"{index}: names shard {shard}, which is not in {directory}")
-            weights |= load_file(str(directory / shard))
+            if not isinstance(shard, str) or not (directory / shard).is_file():
+                raise TdbError(f"{index}: names shard {shard!r}, which is not in {directory}")
+            weights |= read_safetensors(directory / shard)
     elif (directory / "pytorch_model.bin").is_file():
-        weights = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        weights = read_pickled_weights(directory / "pytorch_model.bin")
     else:
         raise TdbError(
             f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
+    for name, tensor in weights.items():
+        if tensor.is_complex():  # float() would drop the imaginary part
+            raise TdbError(f"{directory}: tensor {name} holds complex numbers ({tensor.dtype})")
     return {k: v.float() for k, v in weights.items()}
 
 
-ConfigT = TypeVar("ConfigT")
+def check_layers(weights: dict[str, Tensor], n_layer: int, where: Path) -> None:
+    """Refuse weights with more layers than config.json says: loading them would silently
+    drop the extra layers (fewer layers already fail, as a missing tensor)."""
+    extra = sorted(
+        name
+        for name in weights
+        if (m := LAYER_KEY.search(name)) is not None and int(m.group(1)) >= n_layer
+    )
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise TdbError(
+            f"{where}: the weights have more layers than config.json's {n_layer} "
+            f"(n_layer / num_hidden_layers): unexpected tensors {', '.join(extra[:3])}{more}"
+        )
+
+
+def shape_mismatches(model: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
+    """Where the converted weights' shapes differ from the model config.json describes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return [
+        f"{k} is {list(v.shape)}, config.json implies {list(expected[k])}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+
+
+ConfigT = TypeVar("ConfigT", bound=ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -136,15 +237,26 @@ class Architecture(Generic[ConfigT]):
     def load(self, hf: HFConfig, directory: Path) -> tuple[TransformerModel, int]:
         """The model with the checkpoint's weights, and its vocabulary size."""
         config = self.config_from_hf(hf)
-        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-            model = self.model(config)
+        weights = read_weights(directory)
+        # The weights are checked against config.json before the model is built from it.
+        check_layers(weights, config.n_layer, directory)
         try:
-            state_dict = self.state_dict_from_hf(read_weights(directory), config)
-            model.load_state_dict(state_dict, assign=True)
+            state_dict = self.state_dict_from_hf(weights, config)
         except KeyError as e:
             raise TdbError(f"{directory}: weights are missing tensor {e}") from None
-        except RuntimeError as e:  # a tensor of the wrong shape for config.json
-            raise TdbError(f"{directory}: weights do not match config.json: {e}") from None
+        # A tensor of the wrong shape or rank for config.json, while reshaping it to ours.
+        except (RuntimeError, IndexError) as e:
+            raise TdbError(f"{directory}: weights do not match config.json: {reason(e)}") from None
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = self.model(config)
+        assert isinstance(model, nn.Module)
+        if mismatches := shape_mismatches(model, state_dict):
+            more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+            raise TdbError(f"{directory}: weights do not match config.json: {mismatches[0]}{more}")
+        try:
+            model.load_state_dict(state_dict, assign=True)
+        except RuntimeError as e:
+            raise TdbError(f"{directory}: weights do not match config.json: {reason(e)}") from None
         model.requires_grad_(False).eval()
         return model, model.config.d_vocab
 
@@ -161,6 +273,19 @@ ARCHITECTURES: dict[str, Architecture[Any]] = {
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
+def read_json_object(path: Path) -> dict[str, object]:
+    """A JSON file holding one object (config.json), or a TdbError saying what is wrong."""
+    try:
+        values = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        raise TdbError(f"{path}: not valid JSON ({reason(e)})") from None
+    except OSError as e:
+        raise TdbError(f"{path}: cannot be read ({reason(e)})") from None
+    if not isinstance(values, dict):
+        raise TdbError(f"{path}: not a JSON object")
+    return values
+
+
 def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     """Load a checkpoint directory, a cached model name, or (None) the demo model.
 
@@ -171,14 +296,9 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise TdbError(f"--model: {directory} has no config.json, so it is not a checkpoint")
-    try:
-        values = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TdbError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise TdbError(f"{config_file}: not a JSON object")
+    values = read_json_object(config_file)
     model_type = values.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise TdbError(
             f"{directory}: unsupported architecture {model_type!r} "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

@@ -380,7 +380,28 @@ def run_scan(args: argparse.Namespace) -> None:
     )
 
 
+def check_utf8(argv: Sequence[str]) -> None:
+    """Refuse arguments that are not UTF-8 text. Python hands such bytes over as lone surrogates
+    (`tdb nodes $'\\xff'` arrives as '\\udcff'), which the tokenizer and the JSON output
+    cannot take."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            try:  # show the bytes as given
+                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate that stands for no byte
+                shown = arg.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise TdbError(f"argument '{shown}' is not valid UTF-8 text") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_utf8(argv)
+    except TdbError as e:
+        print(f"tdb: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "nodes":

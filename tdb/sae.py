@@ -27,18 +27,17 @@ Two layouts are read:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tdb.errors import TdbError
+from tdb.errors import TdbError, reason
 from tdb.nodes import LatentSite
 
 
@@ -125,63 +124,117 @@ def parse_site(text: str, where: str) -> LatentSite:
         raise TdbError(f"{where}: site {text!r} is not one of {', '.join(names)}") from None
 
 
-def with_weights(sae: SparseAutoencoder, weights: dict[str, Tensor], where: str) -> None:
-    """Copy weights (already in our names and shapes) into `sae`, checking every shape."""
-    for name, value in weights.items():
+def read_sae_file(path: Path, where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, or a TdbError saying why it cannot be read."""
+    if not path.is_file():
+        raise TdbError(f"{where}: {path.name} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as e:
+        what = "" if where.endswith(str(path)) else f" {path.name}"
+        raise TdbError(f"{where}:{what} not a readable safetensors file ({reason(e)})") from None
+
+
+def integer(value: object, name: str, where: str) -> int:
+    """An integer from metadata (text) or cfg.json (a number, or text)."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise TdbError(f"{where}: {name} must be an integer, got {value!r}")
+
+
+def checked_tensors(
+    tensors: dict[str, Tensor], ranks: dict[str, int], where: str
+) -> dict[str, Tensor]:
+    """The named tensors, each present, of floating-point numbers and of the given rank (a
+    vector 1, a matrix 2) with no empty dimension; as float32."""
+    missing = set(ranks) - set(tensors)
+    if missing:
+        raise TdbError(f"{where}: missing tensors {', '.join(sorted(missing))}")
+    for name, rank in ranks.items():
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise TdbError(f"{where}: {name} holds {t.dtype}, not floating-point numbers")
+        if t.ndim != rank or 0 in t.shape:
+            kind = "a vector" if rank == 1 else "a matrix"
+            raise TdbError(f"{where}: {name} must be {kind}, got shape {list(t.shape)}")
+    return {name: tensors[name].float() for name in ranks}
+
+
+def with_weights(
+    sae: SparseAutoencoder, weights: dict[str, tuple[str, Tensor]], where: str
+) -> None:
+    """Copy weights (already in our shapes; by our name: the file's name, the tensor) into
+    `sae`, checking every shape."""
+    for name, (file_name, value) in weights.items():
         param = getattr(sae, name)
         if tuple(value.shape) != tuple(param.shape):
             raise TdbError(
-                f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+                f"{where}: {file_name} does not fit the encoder's shape: {name} would be "
+                f"{list(value.shape)}, expected {list(param.shape)}"
             )
         param.data = value.detach().float().clone()
     sae.requires_grad_(False)
 
 
+def new_sae(d_in: int, d_sae: int, k: int | None, where: str) -> SparseAutoencoder:
+    try:
+        return SparseAutoencoder(d_in, d_sae, k)
+    except TdbError as e:  # k outside 1..d_sae
+        raise TdbError(f"{where}: {e}") from None
+
+
+OPENAI_TENSORS = {"pre_bias": 1, "encoder.weight": 2, "latent_bias": 1, "decoder.weight": 2}
+SAELENS_TENSORS = {"W_enc": 2, "W_dec": 2, "b_enc": 1, "b_dec": 1}
+
+
 def load_openai_layout(path: Path) -> AttachedSae:
     """One SAE from a safetensors file in OpenAI's layout (see the module docstring)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    tensors = load_file(str(path))
-    missing = {"pre_bias", "encoder.weight", "latent_bias", "decoder.weight"} - set(tensors)
-    if missing:
-        raise TdbError(f"SAE {path}: missing tensors {', '.join(sorted(missing))}")
+    where = f"SAE {path}"
+    tensors, metadata = read_sae_file(path, where)
+    tensors = checked_tensors(tensors, OPENAI_TENSORS, where)
     activation = metadata.get("activation", "ReLU")
     if activation.lower() == "topk":
         if "k" not in metadata:
-            raise TdbError(f"SAE {path}: a TopK activation needs `k` in the file's metadata")
-        k: int | None = int(metadata["k"])
+            raise TdbError(f"{where}: a TopK activation needs `k` in the file's metadata")
+        k: int | None = integer(metadata["k"], "k", where)
     elif activation.lower() == "relu":
         k = None
     else:
-        raise TdbError(f"SAE {path}: activation {activation!r} is not ReLU or TopK")
+        raise TdbError(f"{where}: activation {activation!r} is not ReLU or TopK")
     if metadata.get("normalize", "false").lower() == "true":
-        raise TdbError(f"SAE {path}: SAEs on layer-normalised inputs are not supported")
+        raise TdbError(f"{where}: SAEs on layer-normalised inputs are not supported")
     if "site" not in metadata or "layer" not in metadata:
         raise TdbError(
-            f"SAE {path}: the file's metadata must say where the SAE reads: `site` "
+            f"{where}: the file's metadata must say where the SAE reads: `site` "
             f"({', '.join(s.value for s in LatentSite)}) and `layer`"
         )
+    site = parse_site(metadata["site"], where)
+    layer = integer(metadata["layer"], "layer", where)
     d_sae, d_in = tensors["encoder.weight"].shape
-    sae = SparseAutoencoder(d_in, d_sae, k)
+    sae = new_sae(d_in, d_sae, k, where)
     with_weights(
         sae,
         {
-            "pre_bias": tensors["pre_bias"],
-            "W_enc": tensors["encoder.weight"],
-            "latent_bias": tensors["latent_bias"],
-            "W_dec": tensors["decoder.weight"].T,
-            "decoder_bias": tensors["pre_bias"],
+            "pre_bias": ("pre_bias", tensors["pre_bias"]),
+            "W_enc": ("encoder.weight", tensors["encoder.weight"]),
+            "latent_bias": ("latent_bias", tensors["latent_bias"]),
+            "W_dec": ("decoder.weight", tensors["decoder.weight"].T),
+            "decoder_bias": ("pre_bias", tensors["pre_bias"]),
         },
-        f"SAE {path}",
+        where,
     )
-    site = parse_site(metadata["site"], f"SAE {path}")
-    return AttachedSae(sae, site, int(metadata["layer"]), path.stem)
+    return AttachedSae(sae, site, layer, path.stem)
 
 
 def saelens_hook(cfg: dict[str, object], where: str) -> tuple[LatentSite, int]:
     meta = cfg.get("metadata")
     hook = cfg.get("hook_name") or (meta.get("hook_name") if isinstance(meta, dict) else None)
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", str(hook))
+    match = re.fullmatch(r"blocks\.([0-9]+)\.(.+)", str(hook))
     if match is None or match.group(2) not in SAELENS_HOOKS:
         raise TdbError(
             f"{where}: hook_name {hook!r} is not one of blocks.<layer>.("
@@ -193,8 +246,10 @@ def saelens_hook(cfg: dict[str, object], where: str) -> tuple[LatentSite, int]:
 
 def load_saelens_layout(directory: Path) -> AttachedSae:
     """One SAE from a SAELens directory (`cfg.json` + `sae_weights.safetensors`)."""
+    from tdb.checkpoint import read_json_object
+
     where = f"SAE {directory}"
-    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg = read_json_object(directory / "cfg.json")
     architecture = str(cfg.get("architecture", "standard"))
     activation = str(cfg.get("activation_fn_str", "topk" if architecture == "topk" else "relu"))
     if architecture not in {"standard", "topk"} or activation not in {"relu", "topk"}:
@@ -210,24 +265,26 @@ def load_saelens_layout(directory: Path) -> AttachedSae:
         k_value = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
         if k_value is None:
             raise TdbError(f"{where}: a TopK SAE needs k in cfg.json")
-        k = int(str(k_value))
+        k = integer(k_value, "k", where)
+    subtract_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(subtract_b_dec, bool):
+        raise TdbError(
+            f"{where}: apply_b_dec_to_input must be true or false, got {subtract_b_dec!r}"
+        )
     site, layer = saelens_hook(cfg, where)
-    tensors = load_file(str(directory / SAELENS_WEIGHTS))
-    missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(tensors)
-    if missing:
-        raise TdbError(f"{where}: missing tensors {', '.join(sorted(missing))}")
+    tensors, _ = read_sae_file(directory / SAELENS_WEIGHTS, where)
+    tensors = checked_tensors(tensors, SAELENS_TENSORS, where)
     d_in, d_sae = tensors["W_enc"].shape
-    sae = SparseAutoencoder(d_in, d_sae, k)
-    subtract_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+    sae = new_sae(d_in, d_sae, k, where)
     b_dec = tensors["b_dec"]
     with_weights(
         sae,
         {
-            "pre_bias": b_dec if subtract_b_dec else torch.zeros_like(b_dec),
-            "W_enc": tensors["W_enc"].T,
-            "latent_bias": tensors["b_enc"],
-            "W_dec": tensors["W_dec"],
-            "decoder_bias": b_dec,
+            "pre_bias": ("b_dec", b_dec if subtract_b_dec else torch.zeros_like(b_dec)),
+            "W_enc": ("W_enc", tensors["W_enc"].T),
+            "latent_bias": ("b_enc", tensors["b_enc"]),
+            "W_dec": ("W_dec", tensors["W_dec"]),
+            "decoder_bias": ("b_dec", b_dec),
         },
         where,
     )

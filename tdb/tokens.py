@@ -5,16 +5,40 @@ Without tokenizer files a model still works on token ids; token text is then sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
-from tdb.errors import TdbError
+from tdb.errors import TdbError, reason
+
+T = TypeVar("T")
+
+
+def token_id(value: object, what: str) -> int:
+    """One id of a prompt given as ids (an int, or a numpy / torch integer); a TdbError for
+    anything else, such as a list of text prompts passed where one prompt is expected."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TdbError(
+            f"{what} must be text or a list of token ids, got a list holding {value!r}"
+        ) from None
+
+
+def read_tokenizer(read: Callable[[], T], path: Path) -> T:
+    """`read()`, with the tokenizers library's complaint about a broken file as a TdbError."""
+    try:
+        return read()
+    # tokenizers reports a file it cannot parse as a bare Exception, whatever the problem.
+    except Exception as e:
+        raise TdbError(f"{path}: not a readable tokenizer ({reason(e)})") from None
 
 
 @dataclass(frozen=True)
@@ -29,16 +53,30 @@ class Tokenizer:
 
     @staticmethod
     def from_dir(directory: Path, d_vocab: int) -> Tokenizer:
+        """The checkpoint's tokenizer, checked against the model: each of its token ids must
+        have a row in the embedding (`d_vocab` rows), else a TdbError at load time rather than
+        an index error in the first forward pass."""
         tokenizer_json = directory / "tokenizer.json"
         vocab, merges = directory / "vocab.json", directory / "merges.txt"
         if tokenizer_json.is_file():
-            return Tokenizer(HFTokenizer.from_file(str(tokenizer_json)), d_vocab)
-        if vocab.is_file() and merges.is_file():
-            inner = HFTokenizer(BPE.from_file(str(vocab), str(merges)))
+            inner = read_tokenizer(
+                lambda: HFTokenizer.from_file(str(tokenizer_json)), tokenizer_json
+            )
+        elif vocab.is_file() and merges.is_file():
+            bpe = read_tokenizer(lambda: BPE.from_file(str(vocab), str(merges)), vocab)
+            inner = HFTokenizer(bpe)
             inner.pre_tokenizer = ByteLevel(add_prefix_space=False)
             inner.decoder = ByteLevelDecoder()
-            return Tokenizer(inner, d_vocab)
-        return Tokenizer(None, d_vocab)
+        else:
+            return Tokenizer(None, d_vocab)
+        ids = inner.get_vocab(with_added_tokens=True).values()
+        largest = max(ids, default=-1)
+        if largest >= d_vocab:
+            raise TdbError(
+                f"{directory}: the tokenizer has token ids up to {largest}, but the model embeds "
+                f"only {d_vocab} (vocab_size in config.json)"
+            )
+        return Tokenizer(inner, d_vocab)
 
     @property
     def has_text(self) -> bool:
@@ -81,8 +119,11 @@ class Tokenizer:
             if not prompt:
                 raise TdbError(f"{what} is empty: give some text (or token ids)")
             tokens = self.encode(prompt)
+        elif isinstance(prompt, Iterable):
+            tokens = [self.check_id(token_id(t, what), "token id") for t in prompt]
         else:
-            tokens = [self.check_id(int(t), "token id") for t in prompt]
+            kind = type(prompt).__name__
+            raise TdbError(f"{what} must be text or a list of token ids, got {kind}")
         if not tokens:
             raise TdbError(f"{what} has no tokens")
         if len(tokens) > n_ctx:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tdb.checkpoint import LoadedModel
+from tdb.checkpoint import LoadedModel, load_tensors_only
 from tdb.direction.kinds import (
     AttentionLogit,
     Direction,
@@ -24,7 +24,7 @@ from tdb.direction.kinds import (
     NeuronPreActivation,
     ResidualDirection,
 )
-from tdb.errors import TdbError
+from tdb.errors import TdbError, reason
 from tdb.hooks import HookPoint, Hooks, compose
 from tdb.latents import check_saes, latent_sizes
 from tdb.models.base import TransformerModel
@@ -53,20 +53,30 @@ def load_vector(path: str | Path, d_model: int) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise TdbError(f"--vector: {path} is not a file")
+    vector: object
     try:
         if path.suffix in {".pt", ".pth"}:
-            vector = torch.load(path, map_location="cpu", weights_only=True)
+            vector = load_tensors_only(path)
         elif path.suffix == ".npy":
             import numpy as np
 
-            vector = torch.from_numpy(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
+            if array.dtype.kind not in "fiu":  # floats, signed or unsigned integers
+                raise TdbError(f"{path} holds {array.dtype}, not real numbers")
+            vector = torch.from_numpy(array.astype(np.float32))
         else:
             vector = torch.tensor([float(x) for x in path.read_text().replace(",", " ").split()])
-    except (ValueError, RuntimeError, OSError) as e:
-        raise TdbError(f"--vector: cannot read {path}: {e}") from None
+    except TdbError as e:
+        raise TdbError(f"--vector: {e}") from None
+    # torch's restricted unpickler and numpy's reader report a refused or broken file in many
+    # ways (UnpicklingError, EOFError, ValueError, RuntimeError, ...); each means the same here.
+    except Exception as e:
+        raise TdbError(f"--vector: cannot read {path}: {reason(e)}") from None
     if not isinstance(vector, Tensor) or vector.shape != (d_model,):
         shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
         raise TdbError(f"--vector: {path} must hold {d_model} numbers (d_model), got {shape}")
+    if vector.is_complex() or not bool(torch.isfinite(vector.float()).all()):
+        raise TdbError(f"--vector: {path} must hold finite real numbers")
     return vector.float()
 
 

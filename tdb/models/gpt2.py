@@ -156,15 +156,17 @@ def config_from_gpt2(hf: HFConfig) -> GPT2Config:
         raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
     if not hf.flag("scale_attn_weights", True):
         raise hf.error("scale_attn_weights=false is not supported")
-    d_model = hf.integer("n_embd")
+    d_model, n_head = hf.size("n_embd"), hf.size("n_head")
+    if d_model % n_head:
+        raise hf.error(f"n_embd {d_model} is not divisible by n_head {n_head}")
     return GPT2Config(
-        d_vocab=hf.integer("vocab_size"),
-        n_ctx=hf.integer("n_positions"),
+        d_vocab=hf.size("vocab_size"),
+        n_ctx=hf.size("n_positions"),
         d_model=d_model,
-        n_layer=hf.integer("n_layer"),
-        n_head=hf.integer("n_head"),
-        d_mlp=hf.integer("n_inner", 4 * d_model),
-        layer_norm_eps=hf.number("layer_norm_epsilon", 1e-5),
+        n_layer=hf.layers("n_layer"),
+        n_head=n_head,
+        d_mlp=hf.size("n_inner", 4 * d_model),
+        layer_norm_eps=hf.epsilon("layer_norm_epsilon", 1e-5),
         tie_unembed=hf.flag("tie_word_embeddings", True),
         activation=activation,
         scale_attn_by_inverse_layer_idx=hf.flag("scale_attn_by_inverse_layer_idx", False),

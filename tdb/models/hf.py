@@ -10,12 +10,19 @@ reads the same way: the `rope_parameters` of transformers 5, or the `rope_theta`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tdb.errors import TdbError
 from tdb.models.layers import ROPE_SCALINGS, RopeConfig
+
+# The largest size (of a dimension, a context, a vocabulary) a config.json may give: far above
+# any real model's, and small enough that products of sizes fit torch's 64-bit shapes.
+MAX_SIZE = 2**31 - 1
+# The most layers: far above any real model's, and few enough that per-layer settings fit.
+MAX_LAYERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,39 @@ class HFConfig:
             raise self.error(f"{key} must be an integer, got {value!r}")
         return value
 
-    def optional_integer(self, key: str) -> int | None:
-        return self.integer(key) if self.has(key) else None
+    def size(self, key: str, default: int | None = None, maximum: int = MAX_SIZE) -> int:
+        """A count or dimension: an integer in 1..maximum."""
+        value = self.integer(key, default)
+        if not 1 <= value <= maximum:
+            raise self.error(f"{key} must be an integer in 1..{maximum}, got {value}")
+        return value
+
+    def layers(self, key: str) -> int:
+        return self.size(key, maximum=MAX_LAYERS)
+
+    def optional_size(self, key: str) -> int | None:
+        return self.size(key) if self.has(key) else None
 
     def number(self, key: str, default: float | None = None) -> float:
         value = self.required(key, default, "a number")
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise self.error(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # json.loads reads NaN and Infinity
+            raise self.error(f"{key} must be a finite number, got {value!r}")
         return float(value)
+
+    def positive(self, key: str, default: float | None = None) -> float:
+        value = self.number(key, default)
+        if value <= 0:
+            raise self.error(f"{key} must be a number > 0, got {value!r}")
+        return value
+
+    def epsilon(self, key: str, default: float) -> float:
+        """A normalisation's epsilon: a number >= 0 (below 0 the square root turns NaN)."""
+        value = self.number(key, default)
+        if value < 0:
+            raise self.error(f"{key} must be a number >= 0, got {value!r}")
+        return value
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.required(key, default, "true or false")
@@ -107,18 +139,20 @@ def rope_from_hf(
             f"unsupported rotary scaling {scaling!r} (supported: {', '.join(ROPE_SCALINGS)})"
         )
     partial = rope.number("partial_rotary_factor", hf.number(partial_key, default_partial))
+    if not 0 < partial <= 1:
+        raise hf.error(f"the rotary part of each head must be a fraction in (0, 1]: {partial}")
     rotary_dim = int(d_head * partial)
     if rotary_dim % 2 or not 0 < rotary_dim <= d_head:
         raise hf.error(f"the rotary part of each head must be even and 1..{d_head}: {rotary_dim}")
     scaled = scaling != "default"
     return RopeConfig(
-        theta=rope.number("rope_theta", hf.number(theta_key, 10000.0)),
+        theta=rope.positive("rope_theta", hf.positive(theta_key, 10000.0)),
         rotary_dim=rotary_dim,
         scaling=scaling,
-        factor=rope.number("factor") if scaled else 1.0,
-        low_freq_factor=rope.number("low_freq_factor", 1.0),
-        high_freq_factor=rope.number("high_freq_factor", 4.0),
-        original_n_ctx=rope.integer(
-            "original_max_position_embeddings", hf.integer("max_position_embeddings", 8192)
+        factor=rope.positive("factor") if scaled else 1.0,
+        low_freq_factor=rope.positive("low_freq_factor", 1.0),
+        high_freq_factor=rope.positive("high_freq_factor", 4.0),
+        original_n_ctx=rope.size(
+            "original_max_position_embeddings", hf.size("max_position_embeddings", 8192)
         ),
     )

@@ -148,22 +148,27 @@ class Llama(nn.Module):
 
 def shared_config(hf: HFConfig, tie_default: bool) -> LlamaConfig:
     """What every Llama-family config.json says the same way (variants `replace` the rest)."""
-    d_model, n_head = hf.integer("hidden_size"), hf.integer("num_attention_heads")
-    d_head = hf.integer("head_dim", d_model // n_head)
+    d_model, n_head = hf.size("hidden_size"), hf.size("num_attention_heads")
+    if not hf.has("head_dim") and d_model % n_head:
+        raise hf.error(
+            f"hidden_size {d_model} is not divisible by num_attention_heads {n_head} "
+            "(and there is no head_dim)"
+        )
+    d_head = hf.size("head_dim", d_model // n_head)
     activation = hf.text("hidden_act", "silu")
     if activation not in ACTIVATIONS:
         raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
     config = LlamaConfig(
-        d_vocab=hf.integer("vocab_size"),
-        n_ctx=hf.integer("max_position_embeddings"),
+        d_vocab=hf.size("vocab_size"),
+        n_ctx=hf.size("max_position_embeddings"),
         d_model=d_model,
-        n_layer=hf.integer("num_hidden_layers"),
+        n_layer=hf.layers("num_hidden_layers"),
         n_head=n_head,
-        n_kv_head=hf.integer("num_key_value_heads", n_head),
+        n_kv_head=hf.size("num_key_value_heads", n_head),
         d_head=d_head,
-        d_mlp=hf.integer("intermediate_size"),
+        d_mlp=hf.size("intermediate_size"),
         rope=rope_from_hf(hf, d_head),
-        norm_eps=hf.number("rms_norm_eps", 1e-6),
+        norm_eps=hf.epsilon("rms_norm_eps", 1e-6),
         activation=activation,
         tie_unembed=hf.flag("tie_word_embeddings", tie_default),
     )
@@ -178,8 +183,8 @@ def config_from_llama(hf: HFConfig) -> LlamaConfig:
 
 
 def config_from_qwen2(hf: HFConfig) -> LlamaConfig:
-    n_layer = hf.integer("num_hidden_layers")
-    window = hf.optional_integer("sliding_window") if hf.flag("use_sliding_window", False) else None
+    n_layer = hf.layers("num_hidden_layers")
+    window = hf.optional_size("sliding_window") if hf.flag("use_sliding_window", False) else None
     # transformers 5 writes layer_types; before, layers from max_window_layers on slid.
     first_sliding = hf.integer("max_window_layers", n_layer)
     layer_types = hf.strings("layer_types") or [
@@ -192,8 +197,8 @@ def config_from_qwen2(hf: HFConfig) -> LlamaConfig:
 
 
 def config_from_mistral(hf: HFConfig) -> LlamaConfig:
-    window = hf.optional_integer("sliding_window")
-    windows = (window,) * hf.integer("num_hidden_layers")
+    window = hf.optional_size("sliding_window")
+    windows = (window,) * hf.layers("num_hidden_layers")
     return replace(shared_config(hf, False), windows=windows)
 
 
@@ -209,7 +214,7 @@ def config_from_gemma(hf: HFConfig) -> LlamaConfig:
     bias = hf.flag("attention_bias", False)
     return replace(
         shared_config(replace(hf, values={**hf.values, "hidden_act": activation}), True),
-        embed_scale=math.sqrt(hf.integer("hidden_size")),
+        embed_scale=math.sqrt(hf.size("hidden_size")),
         qkv_bias=bias,
         out_bias=bias,
         norm_gain_offset=1.0,

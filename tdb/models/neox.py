@@ -143,7 +143,9 @@ class NeoX(nn.Module):
 
 
 def config_from_neox(hf: HFConfig) -> NeoXConfig:
-    d_model, n_head = hf.integer("hidden_size"), hf.integer("num_attention_heads")
+    d_model, n_head = hf.size("hidden_size"), hf.size("num_attention_heads")
+    if d_model % n_head:
+        raise hf.error(f"hidden_size {d_model} is not divisible by num_attention_heads {n_head}")
     activation = hf.text("hidden_act", "gelu")
     if activation not in ACTIVATIONS:
         raise hf.error(f"unsupported activation {activation!r} ({', '.join(ACTIVATIONS)})")
@@ -151,14 +153,14 @@ def config_from_neox(hf: HFConfig) -> NeoXConfig:
     # among them) say rotary_emb_base and rotary_pct.
     rope = rope_from_hf(hf, d_model // n_head, "rotary_emb_base", "rotary_pct", 0.25)
     return NeoXConfig(
-        d_vocab=hf.integer("vocab_size"),
-        n_ctx=hf.integer("max_position_embeddings"),
+        d_vocab=hf.size("vocab_size"),
+        n_ctx=hf.size("max_position_embeddings"),
         d_model=d_model,
-        n_layer=hf.integer("num_hidden_layers"),
+        n_layer=hf.layers("num_hidden_layers"),
         n_head=n_head,
-        d_mlp=hf.integer("intermediate_size"),
+        d_mlp=hf.size("intermediate_size"),
         rope=rope,
-        layer_norm_eps=hf.number("layer_norm_eps", 1e-5),
+        layer_norm_eps=hf.epsilon("layer_norm_eps", 1e-5),
         activation=activation,
         tie_unembed=hf.flag("tie_word_embeddings", False),
         parallel_residual=hf.flag("use_parallel_residual", True),
