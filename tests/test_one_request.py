@@ -182,3 +182,22 @@ def test_zero_ablating_an_inactive_latent_warns(demo: LoadedModel) -> None:
         unchanged = table.direction_value == table.baseline_value
         assert unchanged == bool(table.warnings), (table.warnings, table.direction_value)
     assert "changes nothing: its activation there is already 0" in inert[0].warnings[0]
+
+
+def test_a_trace_table_holds_what_interventions_md_says(demo: LoadedModel) -> None:
+    """Tracing neuron 1.5 at token 13: no later layer, no layer-1 neuron, no token after 13;
+    layer-1 heads at other queries can appear (activation, write magnitude) with direct effect
+    and act x grad exactly 0, as docs/interventions.md says."""
+    table = node_table(demo, PROMPT, k=10, trace="n1.5@13")
+    assert all(n.layer is None or n.layer <= 1 for n in table.nodes)
+    assert not [n for n in table.nodes if n.layer == 1 and n.node_type is NodeType.MLP_NEURON]
+    assert all(n.token <= 13 for n in table.nodes)
+    same_layer = [
+        i
+        for i, n in enumerate(table.nodes)
+        if n.layer == 1 and n.node_type is NodeType.ATTENTION_HEAD and n.token != 13
+    ]
+    assert same_layer, "the case the docs describe did not occur"
+    for i in same_layer:
+        assert table.values[Group.DIRECT_EFFECT][i] == 0
+        assert table.values[Group.ACT_TIMES_GRAD][i] == 0
