@@ -54,3 +54,15 @@ def test_readme_python_snippet_runs() -> None:
     namespace: dict[str, object] = {"__name__": "readme"}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_every_document_the_code_points_to_exists() -> None:
+    """Docstrings and messages that send a reader to a document name one that is in the
+    repository (tdb/topk.py once pointed to a DESIGN.md that is not)."""
+    named = set()
+    for source in (ROOT / "tdb").rglob("*.py"):
+        named |= set(re.findall(r"[\w/.-]*\b[A-Za-z][\w-]*\.md\b", source.read_text()))
+    assert named, "no document named in the code: the pattern broke"
+    for name in sorted(named):
+        path = ROOT / name if "/" in name else ROOT / "docs" / name
+        assert path.is_file() or (ROOT / name).is_file(), f"the code points to {name}, missing"
