@@ -5,10 +5,9 @@ gets a TdbError that names the argument."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from jaxtyping import TypeCheckError
 from test_architectures import SHAPES
 from test_architectures import make_checkpoint as make_other_checkpoint
 from transformers import GPT2LMHeadModel
+from typecheck import unchecked
 
 from tdb.activation_cache import ActivationCache, RunResult
 from tdb.checkpoint import LoadedModel, load_model
@@ -184,16 +184,6 @@ def test_a_one_prompt_cache_patches_every_prompt_of_a_batch(
     result = loaded.run([[5, 2, 3, 4], [6, 2, 3, 4]], hooks=hooks)
     assert torch.allclose(result.logits[0], source.logits[0], atol=1e-5)
     assert torch.allclose(result.logits[1], source.logits[0], atol=1e-5)
-
-
-def unchecked(call: Callable[[], object]) -> None:
-    """Call with the tests' runtime type checker off, as users run tdb."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        call()
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def test_bad_input_names_the_argument(pair: tuple[GPT2LMHeadModel, LoadedModel]) -> None:

@@ -13,11 +13,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import jaxtyping
 import pytest
 import torch
 from checkpoints import make_checkpoint
 from safetensors.torch import save_file
+from typecheck import unchecked
 
 from tdb.checkpoint import load_model
 from tdb.cli import main
@@ -88,17 +88,6 @@ def test_model_path_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFi
     err = nodes_error(capsys, tmp_path / "nope")
     assert "does not exist" in err
     assert "models--" not in err
-
-
-def unchecked(call: Callable[[], object]) -> None:
-    """Call with the tests' runtime type checker off, as users run tdb (it refuses the wrong
-    type before tdb's own check would)."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        call()
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def test_a_list_of_text_prompts_is_refused_by_name(good: Path) -> None:
