@@ -220,7 +220,7 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
     """The request `tdb nodes ...` makes: argv parsed into the one type every front end uses."""
     from tdb.metrics import Group
     from tdb.nodes import NodeType
-    from tdb.table.request import NodeRequest, second_prompt_fields
+    from tdb.table.request import NodeRequest, second_prompts
 
     if (args.prompt is None) == (args.token_ids is None):
         raise TdbError("give the prompt either as text or with --token-ids, exactly one of them")
@@ -230,14 +230,13 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
     distractor = resolve_choice(
         args.distractor, args.distractor_id, "--distractor", "--distractor-id", uses_tokens
     )
-    if args.second_prompt is not None and (args.compare_prompt or args.resample_prompt):
-        raise TdbError("give --second-prompt or --compare-prompt / --resample-prompt, not both")
     groups = parse_choices(args.groups, "--groups", Group)
     sort = parse_choices(args.sort, "--sort", Group)
     if sort is not None and len(sort) != 1:
         raise TdbError("--sort: give one metric")
-    second = {"resample_prompt": args.resample_prompt, "compare_prompt": args.compare_prompt}
-    second |= second_prompt_fields(args.second_prompt, args.ablate)
+    compare, resample = second_prompts(
+        args.second_prompt, args.ablate, args.compare_prompt, args.resample_prompt
+    )
     return NodeRequest(
         prompt=args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids"),
         target=target,
@@ -259,7 +258,8 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         groups=tuple(Group) if groups is None else tuple(groups),
         node_types=parse_choices(args.node_types, "--node-types", NodeType),
         sort=None if sort is None else sort[0],
-        **second,
+        compare_prompt=compare,
+        resample_prompt=resample,
     ).checked()
 
 

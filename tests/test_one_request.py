@@ -131,6 +131,8 @@ def test_comparison_and_resample_source_are_separate_fields(demo: LoadedModel) -
         node_table(demo, PROMPT, " Mary", " John", ablate=["h2.3@13:1"], compare_prompt=SECOND)
     with pytest.raises(TdbError, match="none is given"):
         node_table(demo, PROMPT, " Mary", " John", resample_prompt=SECOND)
+    with pytest.raises(TdbError, match="not both"):  # the older name never overrides silently
+        node_table(demo, PROMPT, " Mary", " John", second_prompt=SECOND, compare_prompt=PROMPT)
     resampled = node_table(
         demo, PROMPT, " Mary", " John", ablate=["h0.1@13:resample"], resample_prompt=SECOND
     )

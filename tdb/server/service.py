@@ -24,7 +24,7 @@ from tdb.server.schemas import (
     ViewsRequest,
     ViewsResponse,
 )
-from tdb.table import NodeRequest, run_request, second_prompt_fields
+from tdb.table import NodeRequest, run_request, second_prompts
 from tdb.table.result import row_order
 
 
@@ -53,18 +53,18 @@ def node_request(
     loaded: LoadedModel, request: PromptRequest, max_prompt_tokens: int, **fields: object
 ) -> NodeRequest:
     """The `NodeRequest` an API request makes (the same type the CLI builds from argv), every
-    prompt tokenized and checked against the server's limit. `fields`: k, groups, views, ..."""
+    prompt tokenized and checked against the server's limit (`run_request` checks the rest).
+    `fields`: k, groups, views, ..."""
 
     def ids(prompt: str | Sequence[int] | None, what: str) -> list[int] | None:
         return None if prompt is None else prompt_tokens(loaded, prompt, max_prompt_tokens, what)
 
-    if request.second_prompt is not None and (request.compare_prompt or request.resample_prompt):
-        raise TdbError("give second_prompt or compare_prompt / resample_prompt, not both")
-    second: dict[str, object] = {
-        "compare_prompt": ids(request.compare_prompt, "the compare prompt"),
-        "resample_prompt": ids(request.resample_prompt, "the resample prompt"),
-    }
-    second |= second_prompt_fields(ids(request.second_prompt, "the second prompt"), request.ablate)
+    compare, resample = second_prompts(
+        ids(request.second_prompt, "the second prompt"),
+        request.ablate,
+        ids(request.compare_prompt, "the compare prompt"),
+        ids(request.resample_prompt, "the resample prompt"),
+    )
     return NodeRequest(
         prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt"),
         target=request.target,
@@ -77,8 +77,10 @@ def node_request(
         mean_prompts=tuple(ids(p, "a mean prompt") or [] for p in request.mean_prompts),
         mlp_nodes=request.mlp_nodes,
         attn_nodes=request.attn_nodes,
-        **(second | fields),  # type: ignore[arg-type]
-    ).checked()
+        compare_prompt=compare,
+        resample_prompt=resample,
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def node_table_response(

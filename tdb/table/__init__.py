@@ -7,7 +7,7 @@
 its JSON document).
 """
 
-from tdb.table.request import NodeRequest, second_prompt_fields
+from tdb.table.request import NodeRequest, second_prompts
 from tdb.table.result import NodeTable, TokenViews, Verification
 from tdb.table.run import node_table, run_request
 
@@ -18,5 +18,5 @@ __all__ = [
     "Verification",
     "node_table",
     "run_request",
-    "second_prompt_fields",
+    "second_prompts",
 ]

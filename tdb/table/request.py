@@ -153,17 +153,24 @@ def member(enum: type[E], value: object, what: str) -> E:
         raise TdbError(f"{what}: {value!r} is not one of {allowed}") from None
 
 
-def second_prompt_fields(
-    second_prompt: Prompt | None, ablate: Sequence[str | Ablation]
-) -> dict[str, Prompt]:
-    """The old single `second_prompt` (CLI `--second-prompt`, HTTP `second_prompt`), kept for
-    compatibility: the resample source when an ablation resamples, else the comparison.
+def second_prompts(
+    second_prompt: Prompt | None,
+    ablate: Sequence[str | Ablation],
+    compare_prompt: Prompt | None = None,
+    resample_prompt: Prompt | None = None,
+) -> tuple[Prompt | None, Prompt | None]:
+    """(compare_prompt, resample_prompt), with the old single `second_prompt` (CLI
+    `--second-prompt`, HTTP `second_prompt`, kept for compatibility) resolved into one of them:
+    the resample source when an ablation resamples, else the comparison. Every front end
+    resolves it here.
 
-    >>> NodeRequest(prompt, **second_prompt_fields(other, ["h1.2@3:resample"]))
+    >>> compare, resample = second_prompts(other, ["h1.2@3:resample"])  # (None, other)
     """
     if second_prompt is None:
-        return {}
+        return compare_prompt, resample_prompt
+    if compare_prompt is not None or resample_prompt is not None:
+        raise TdbError("give --second-prompt or --compare-prompt / --resample-prompt, not both")
     ablations = [a if isinstance(a, Ablation) else parse_ablation(a) for a in ablate]
     if any(a.kind is AblationKind.RESAMPLE for a in ablations):
-        return {"resample_prompt": second_prompt}
-    return {"compare_prompt": second_prompt}
+        return None, second_prompt
+    return second_prompt, None

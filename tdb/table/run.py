@@ -33,7 +33,7 @@ from tdb.models.base import TransformerModel
 from tdb.nodes import NodeIndex, NodeType, check_node, parse_node_id
 from tdb.sae import AttachedSae
 from tdb.store import ScalarStore
-from tdb.table.request import NodeRequest, Prompt, Tokens, second_prompt_fields
+from tdb.table.request import NodeRequest, Prompt, Tokens, second_prompts
 from tdb.table.result import NodeTable, TokenViews, Verification
 from tdb.token_views import effect_by_token, logit_view, node_view
 from tdb.topk import TopKResult, multi_group_topk
@@ -80,7 +80,13 @@ def node_table(
     """
     ablate = fields.get("ablate", ())
     assert isinstance(ablate, Sequence)
-    fields |= second_prompt_fields(second_prompt, ablate)
+    compare, resample = second_prompts(
+        second_prompt,
+        ablate,
+        fields.pop("compare_prompt", None),  # type: ignore[arg-type]
+        fields.pop("resample_prompt", None),  # type: ignore[arg-type]
+    )
+    fields |= {"compare_prompt": compare, "resample_prompt": resample}
     views = fields.get("views")
     if isinstance(views, list | tuple):  # older form: the nodes whose views to show
         fields |= {"views": True, "view_nodes": tuple(views)}
@@ -121,6 +127,16 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         if ablations
         else NO_HOOKS
     )
+    compare = None
+    if request.compare_prompt is not None:  # checked before any capture runs
+        compare = tokenizer.prompt_ids(request.compare_prompt, n_ctx, "the compare prompt")
+        if len(compare) != len(tokens):
+            raise TdbError(
+                f"--compare-prompt must have the same number of tokens as the prompt: "
+                f"{len(compare)} vs {len(tokens)}"
+            )
+    target_ids = direction_token_ids(direction, "target_ids")
+    distractor_ids = direction_token_ids(direction, "distractor_ids")
     token_tensor = torch.tensor(tokens)
 
     def run(tokens: Tensor, prune_k: int | None = None, hooks: Hooks = NO_HOOKS) -> Capture:
@@ -139,14 +155,8 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
             columns[f"{g.value}_diff"] = (result.values[g] - before.values[g]).tolist()
         table_fields["baseline_value"] = baseline.direction_value
         warnings += inert_ablations(ablations, baseline.store)
-    elif request.compare_prompt is not None:
-        second = tokenizer.prompt_ids(request.compare_prompt, n_ctx, "the compare prompt")
-        if len(second) != len(tokens):
-            raise TdbError(
-                f"--compare-prompt must have the same number of tokens as the prompt: "
-                f"{len(second)} vs {len(tokens)}"
-            )
-        right = run(torch.tensor(second))
+    elif compare is not None:
+        right = run(torch.tensor(compare))
         nodes = table_nodes([main.store, right.store], groups, k)
         result = values_at(main.store, groups, nodes)
         other = values_at(right.store, groups, nodes)
@@ -155,8 +165,8 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
             columns[f"{g.value}_diff"] = (other.values[g] - result.values[g]).tolist()
         table_fields |= {
             "right_value": right.direction_value,
-            "right_tokens": second,
-            "right_token_texts": [tokenizer.token_text(t) for t in second],
+            "right_tokens": compare,
+            "right_token_texts": [tokenizer.token_text(t) for t in compare],
         }
     else:
         result = multi_group_topk(main.store, groups, k)
@@ -166,25 +176,21 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         )
     if request.wants_views:
         table_fields["token_views"] = token_views(
-            loaded, tokens, direction, main, request.view_nodes, attached
+            loaded, tokens, main, target_ids + distractor_ids, request.view_nodes, attached
         )
     table = NodeTable(
         tokens=tokens,
         token_texts=[tokenizer.token_text(t) for t in tokens],
         direction=direction,
         direction_value=main.direction_value,
-        target_texts=[
-            tokenizer.token_text(t) for t in direction_token_ids(direction, "target_ids")
-        ],
-        distractor_texts=[
-            tokenizer.token_text(t) for t in direction_token_ids(direction, "distractor_ids")
-        ],
+        target_texts=[tokenizer.token_text(t) for t in target_ids],
+        distractor_texts=[tokenizer.token_text(t) for t in distractor_ids],
         k=k,
         groups=groups,
         nodes=result.nodes,
         values={g: result.values[g].tolist() for g in groups},
         columns=columns,
-        warnings=direction_warnings(direction, tokenizer.token_text) + warnings,
+        warnings=direction_warnings(target_ids, distractor_ids, tokenizer.token_text) + warnings,
         **table_fields,  # type: ignore[arg-type]
     )
     if request.node_types is None and request.sort is None:
@@ -208,7 +214,9 @@ def inert_ablations(ablations: Sequence[Ablation], store: ScalarStore) -> list[s
     ]
 
 
-def direction_warnings(direction: Direction, token_text: Callable[[int], str]) -> list[str]:
+def direction_warnings(
+    target: list[int], distractor: list[int], token_text: Callable[[int], str]
+) -> list[str]:
     """What makes a direction useless without an error: the target's tokens and the
     distractor's with the same mean (the same token, or the same tokens in another order) give
     logit(target) - logit(distractor) = 0, so every gradient is zero."""
@@ -216,8 +224,6 @@ def direction_warnings(direction: Direction, token_text: Callable[[int], str]) -
     def mean_weights(ids: list[int]) -> dict[int, Fraction]:
         return {t: Fraction(n, len(ids)) for t, n in Counter(ids).items()}
 
-    target = direction_token_ids(direction, "target_ids")
-    distractor = direction_token_ids(direction, "distractor_ids")
     if target and distractor and mean_weights(target) == mean_weights(distractor):
         texts = ", ".join(repr(token_text(t)) for t in dict.fromkeys(target))
         return [
@@ -276,15 +282,14 @@ def verification(
 def token_views(
     loaded: LoadedModel,
     tokens: list[int],
-    direction: Direction,
     main: Capture,
+    pinned: list[int],
     node_ids: Sequence[str],
     saes: Sequence[AttachedSae] = (),
 ) -> TokenViews:
+    """Next-token logits with the `pinned` tokens (target, distractor) ranked, per-token
+    act x grad sums, and each node's promoted and suppressed tokens."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    pinned = direction_token_ids(direction, "target_ids") + direction_token_ids(
-        direction, "distractor_ids"
-    )
     sizes = latent_sizes(saes)
     nodes = [
         check_node(parse_node_id(i), model.config, len(tokens), "view", sizes) for i in node_ids
