@@ -2,6 +2,7 @@
 `run_request(loaded, NodeRequest(...))`; `loaded.run(prompts, cache=[...])` (docs/python.md)."""
 
 from tdb.activation_cache import ActivationCache, RunResult
+from tdb.attribution import Attribution, attribute, attribution
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.hooks import HookPoint, Hooks, patch
 from tdb.metrics import Group
@@ -12,6 +13,7 @@ from tdb.table import NodeRequest, NodeTable, node_table, run_request
 __all__ = [
     "ActivationCache",
     "AttachedSae",
+    "Attribution",
     "Group",
     "HookPoint",
     "Hooks",
@@ -22,6 +24,8 @@ __all__ = [
     "NodeTable",
     "NodeType",
     "RunResult",
+    "attribute",
+    "attribution",
     "load_model",
     "load_saes",
     "node_table",

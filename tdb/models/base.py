@@ -90,6 +90,16 @@ class AttentionWeights(Protocol):
         """One (query) head's value vector from the normalised residual stream at the key."""
         ...
 
+    @property
+    def score_scale(self) -> float: ...
+
+    def qk_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]:
+        """How queries and keys (per query head, as hooked at `Q` and `K`) change when the
+        normalised input changes by `dx`: they are linear in it (biases drop out)."""
+        ...
+
 
 @runtime_checkable
 class MlpWeights(Protocol):
@@ -154,6 +164,7 @@ class TransformerModel(Protocol):
         position_ids: Int[Tensor, "batch pos"] | None = None,
         attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None = None,
         logit_positions: Int[Tensor, " logit_pos"] | None = None,
+        resume: tuple[int, Float[Tensor, "batch pos d_model"]] | None = None,
     ) -> Float[Tensor, "batch logit_pos d_vocab"]: ...
 
     # What loading (and the demo's evaluation) needs of the nn.Module underneath.

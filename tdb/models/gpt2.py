@@ -124,11 +124,14 @@ class GPT2(nn.Module):
         position_ids: Int[Tensor, "batch pos"] | None = None,
         attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None = None,
         logit_positions: Int[Tensor, " logit_pos"] | None = None,
+        resume: tuple[int, Float[Tensor, "batch pos d_model"]] | None = None,
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
         """Logits at `logit_positions` (default every position).
 
         `attention_mask` (True = may attend) is combined with the causal mask; with
-        `position_ids` it packs several documents into one row.
+        `position_ids` it packs several documents into one row. `resume=(layer, resid_pre)`
+        starts at block `layer` from that residual stream (`layer = n_layer`: the final norm),
+        skipping the embedding and the blocks before: patching one layer needs no earlier one.
         """
         batch, n_pos = tokens.shape
         if position_ids is None:
@@ -136,10 +139,16 @@ class GPT2(nn.Module):
         mask = causal_mask(n_pos, None, attention_mask, tokens.device)
 
         top = hooks.at_layer(None)  # the hooks outside any layer
-        token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
-        pos_embed = top(HookPoint.POS_EMBED, self.W_pos[position_ids])
-        x = top(HookPoint.RESID_EMBED, token_embed + pos_embed)
+        if resume is None:
+            token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
+            pos_embed = top(HookPoint.POS_EMBED, self.W_pos[position_ids])
+            x = top(HookPoint.RESID_EMBED, token_embed + pos_embed)
+            start = 0
+        else:
+            start, x = resume
         for layer, block in enumerate(self.blocks):
+            if layer < start:
+                continue
             x = block(x, mask, hooks.at_layer(layer))
         x = top(HookPoint.RESID_FINAL, x)
         if logit_positions is not None:

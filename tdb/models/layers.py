@@ -232,6 +232,17 @@ class Attention(nn.Module):
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
 
+    def qk_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]:
+        """The change of `Q` and `K` (per query head) when the attention input changes by `dx`."""
+        dq = torch.einsum("bpd,hde->bphe", dx, self.W_Q)
+        dk = torch.einsum("bpd,gde->bpge", dx, self.W_K)
+        if self.rope is not None:
+            rotary = Rotary.at(position_ids, self.rope)
+            dq, dk = rotary.rotate(dq), rotary.rotate(dk)
+        return dq, self.per_query_head(dk)
+
     def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
         """One query head's value from the (normalised) key residual stream."""
         kv_head = head // self.group

@@ -122,6 +122,7 @@ class Llama(nn.Module):
         position_ids: Int[Tensor, "batch pos"] | None = None,
         attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None = None,
         logit_positions: Int[Tensor, " logit_pos"] | None = None,
+        resume: tuple[int, Float[Tensor, "batch pos d_model"]] | None = None,
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
         """Logits at `logit_positions` (default every position); see `GPT2.forward`."""
         batch, n_pos = tokens.shape
@@ -132,9 +133,15 @@ class Llama(nn.Module):
         masks = {w: causal_mask(n_pos, w, attention_mask, tokens.device) for w in windows}
 
         top = hooks.at_layer(None)  # the hooks outside any layer
-        token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
-        x = top(HookPoint.RESID_EMBED, token_embed * self.config.embed_scale)
+        if resume is None:
+            token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
+            x = top(HookPoint.RESID_EMBED, token_embed * self.config.embed_scale)
+            start = 0
+        else:
+            start, x = resume
         for layer, block in enumerate(self.blocks):
+            if layer < start:
+                continue
             mask = masks[self.config.window(layer)]
             x = block(x, rotary, mask, hooks.at_layer(layer))
         x = top(HookPoint.RESID_FINAL, x)

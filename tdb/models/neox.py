@@ -120,6 +120,7 @@ class NeoX(nn.Module):
         position_ids: Int[Tensor, "batch pos"] | None = None,
         attention_mask: Bool[Tensor, "batch query_pos key_pos"] | None = None,
         logit_positions: Int[Tensor, " logit_pos"] | None = None,
+        resume: tuple[int, Float[Tensor, "batch pos d_model"]] | None = None,
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
         """Logits at `logit_positions` (default every position); see `GPT2.forward`."""
         batch, n_pos = tokens.shape
@@ -129,9 +130,15 @@ class NeoX(nn.Module):
         mask = causal_mask(n_pos, None, attention_mask, tokens.device)
 
         top = hooks.at_layer(None)  # the hooks outside any layer
-        token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
-        x = top(HookPoint.RESID_EMBED, token_embed)
+        if resume is None:
+            token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
+            x = top(HookPoint.RESID_EMBED, token_embed)
+            start = 0
+        else:
+            start, x = resume
         for layer, block in enumerate(self.blocks):
+            if layer < start:
+                continue
             x = block(x, rotary, mask, hooks.at_layer(layer))
         x = top(HookPoint.RESID_FINAL, x)
         if logit_positions is not None:
