@@ -1,5 +1,6 @@
 """The `tdb` command. `tdb nodes "PROMPT" --target " Mary" --distractor " John" [-k 10] [--json]`;
-`tdb serve [--model DIR] [--port 8000]` for the web page and HTTP API.
+`tdb serve [--model DIR] [--port 8000]` for the web page and HTTP API; `tdb task ioi --n 32 >
+ioi.jsonl` and `tdb attribute ioi.jsonl --method exact --method ig` over a dataset.
 
 Every error the user can fix prints one line naming the problem and exits with code 2.
 """
@@ -156,7 +157,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="a finished `tdb scan --out DIR`: serve its component pages (/component/...)",
     )
     add_scan_parser(commands)
+    add_attribution_parsers(commands)
     return parser
+
+
+def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    task = commands.add_parser(
+        "task",
+        help="write a built-in dataset of prompt pairs (JSONL) for `tdb attribute`",
+        description="Print N prompt pairs of a built-in task as JSONL (one object a line: prompt, "
+        "target, distractor, corrupted), from the demo model's held-out data. See "
+        "docs/attribution.md.",
+    )
+    task.add_argument("name", help="ioi, induction or capitals")
+    task.add_argument("--n", default="64", help="number of prompt pairs (default 64)")
+    task.add_argument("--seed", default="0", help="random seed (default 0)")
+    task.add_argument(
+        "--model", help="checkpoint whose tokenizer checks the prompts (default: demo)"
+    )
+
+    attribute = commands.add_parser(
+        "attribute",
+        help="score every component's effect on a task over a dataset of prompt pairs",
+        description="Score every attention head, MLP neuron (or SAE latent) by the mean over the "
+        "dataset of m(clean) - m(clean with the component's output replaced), m = "
+        "logit(target) - logit(distractor) at the last token: exactly (patching) or estimated. "
+        "See docs/attribution.md.",
+    )
+    attribute.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
+    attribute.add_argument(
+        "--method",
+        action="append",
+        metavar="METHOD",
+        help="ig (default), atp*, atp or exact (repeatable; rows sort by the first)",
+    )
+    attribute.add_argument(
+        "--ablation",
+        help="replace by the corrupted prompt's value (default when the dataset has corrupted "
+        "prompts), zero, or the dataset mean (default otherwise)",
+    )
+    attribute.add_argument(
+        "--components",
+        default="heads,neurons",
+        help="heads,neurons,latents (default heads,neurons)",
+    )
+    attribute.add_argument(
+        "--by", default="component", help="component (default) or position (prompts of one length)"
+    )
+    attribute.add_argument(
+        "--verify", default="0", metavar="N", help="also patch the top N for real (exact)"
+    )
+    attribute.add_argument("-k", help="show the top K components (default: all)")
+    attribute.add_argument("--logprob", action="store_true", help="m = log p(target)")
+    attribute.add_argument(
+        "--ig-steps", default="10", help="integrated-gradient steps (default 10)"
+    )
+    attribute.add_argument("--batch-size", default="32", help="prompts per forward pass")
+    attribute.add_argument(
+        "--sae", action="append", default=[], metavar="DIR_OR_FILE", help="SAEs for latents"
+    )
+    attribute.add_argument(
+        "--model", help="checkpoint directory or cached model name (default: demo)"
+    )
+    attribute.add_argument("--json", action="store_true", help="print the result as JSON")
+    attribute.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -380,6 +444,52 @@ def run_scan(args: argparse.Namespace) -> None:
     )
 
 
+def run_task(args: argparse.Namespace) -> None:
+    n = parse_int(args.n, "--n", minimum=1)
+    seed = parse_int(args.seed, "--seed")
+
+    from tdb.attribution.tasks import Task, task_records
+    from tdb.checkpoint import load_model
+    from tdb.table.request import member
+
+    task = member(Task, args.name, "task")
+    loaded = load_model(args.model)
+    for record in task_records(task, n, seed, loaded.tokenizer):
+        sys.stdout.write(json.dumps(record) + "\n")
+
+
+def run_attribute(args: argparse.Namespace) -> None:
+    from tdb.attribution.run import check_options, run_attribution
+
+    options = check_options(  # bad flags answer before the model loads
+        methods=args.method or ["ig"],
+        ablation=args.ablation,
+        components=args.components,
+        by=args.by,
+        verify=parse_int(args.verify, "--verify", minimum=0),
+        k=None if args.k is None else parse_int(args.k, "-k", minimum=1),
+        logprob=args.logprob,
+        ig_steps=parse_int(args.ig_steps, "--ig-steps", minimum=1),
+        batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
+        saes=tuple(args.sae),
+    )
+
+    from tdb.checkpoint import load_model
+    from tdb.render import AttributionProgressBar, print_attribution
+
+    loaded = load_model(args.model)
+    if args.quiet:
+        result = run_attribution(loaded, args.dataset, options)
+    else:
+        with AttributionProgressBar() as bar:
+            result = run_attribution(loaded, args.dataset, options, bar)
+    if args.json:
+        json.dump(result.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_attribution(result, loaded.name)
+
+
 def check_utf8(argv: Sequence[str]) -> None:
     """Refuse arguments that are not UTF-8 text. Python hands such bytes over as lone surrogates
     (`tdb nodes $'\\xff'` arrives as '\\udcff'), which the tokenizer and the JSON output
@@ -410,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_serve(args)
         elif args.command == "scan":
             run_scan(args)
+        elif args.command == "task":
+            run_task(args)
+        elif args.command == "attribute":
+            run_attribute(args)
     except TdbError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from tdb.attribution.run import Attribution, Progress
 from tdb.metrics import is_signed
 from tdb.table import NodeTable, Verification
 
@@ -106,3 +108,79 @@ def print_token_views(views: dict[str, Any], token_texts: list[str], console: Co
                 f"{t['text']!r}@{t['token']} {t['value']:.2f}" for t in node["exciting_tokens"]
             )
             console.print(f"  most active at {excites}")
+
+
+class AttributionProgressBar(Progress):
+    """`tdb attribute`'s progress bar on stderr, shown once the work has taken 2 s."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "attribute",
+            BarColumn(),
+            MofNCompleteColumn(),
+            "prompt passes, ETA",
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.total = 0
+        self.done = 0
+        self.started = 0.0
+        self.shown = False
+
+    def __enter__(self) -> AttributionProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if not self.shown and time.perf_counter() - self.started > 2.0:
+            self.shown = True
+            self.bar.start()
+            self.task = self.bar.add_task("attribute", total=self.total, completed=self.done)
+        elif self.shown:
+            self.bar.update(self.task, completed=min(self.done, self.total))
+
+    def stop(self) -> None:
+        if self.shown:
+            self.bar.stop()
+            self.shown = False
+
+
+def print_attribution(result: Attribution, model_name: str, console: Console | None = None) -> None:
+    """The attribution table: one row per component, a column per method (exact beside the
+    estimates when verified)."""
+    console = console or Console(width=max(Console().width, 50 + 12 * len(result.methods)))
+    corrupted = "" if result.corrupted is None else f"   corrupted {result.corrupted:.4f}"
+    kind = (
+        "logit(target) - logit(distractor)"
+        if result.metric_kind == "logit_diff"
+        else ("log p(target)")
+    )
+    console.print(
+        f"[bold]model[/bold] {model_name}   [bold]dataset[/bold] {result.source} "
+        f"({result.n_prompts} prompt pairs)   [bold]ablation[/bold] {result.reference}"
+    )
+    console.print(f"[bold]metric[/bold] {kind}: clean [bold]{result.clean:.4f}[/bold]{corrupted}")
+    grid = Table(header_style="bold")
+    grid.add_column("component", style="cyan", no_wrap=True)
+    grid.add_column("type", no_wrap=True)
+    for method in result.methods:
+        grid.add_column(method, justify="right")
+    for row in result.rows:
+        cells = [
+            "" if (value := row.scores.get(m)) is None else f"{value:.4f}" for m in result.methods
+        ]
+        grid.add_row(row.id, row.component.node_type.value, *cells)
+    console.print(grid)
+    console.print(
+        f"[dim]{len(result.rows)} rows, by |{result.methods[0]}|; score = mean over prompts of "
+        "m(clean) - m(component replaced): positive supports the behaviour[/dim]"
+    )

@@ -91,13 +91,13 @@ def parse_lines(lines: Iterable[str], tokenizer: Tokenizer, n_ctx: int, source: 
 
 
 def dataset_from_records(
-    records: Sequence[tuple[int, object]] | Sequence[Mapping[str, object]],
-    tokenizer: Tokenizer,
-    n_ctx: int,
-    source: str = "dataset",
+    records: Sequence[object], tokenizer: Tokenizer, n_ctx: int, source: str = "dataset"
 ) -> Dataset:
     """Records (dicts, or (line number, dict) pairs) as a checked dataset."""
-    numbered = [r if isinstance(r, tuple) else (i, r) for i, r in enumerate(records, start=1)]
+    numbered: list[tuple[int, object]] = [
+        (r[0], r[1]) if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], int) else (i, r)
+        for i, r in enumerate(records, start=1)
+    ]
     if not numbered:
         raise TdbError(f"{source}: the dataset is empty (one JSON object a line, see docs)")
     pairs = tuple(_pair(record, number, tokenizer, n_ctx, source) for number, record in numbered)

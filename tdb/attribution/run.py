@@ -377,32 +377,38 @@ def _softmax_fix(
     block = runner.model.block(layer)
     up, batch, n_pos, d_model = dx.shape
     x = values[HookPoint.RESID_PRE, layer]  # [batch pos d_model]
-    x_rep = x.expand(up, *x.shape).reshape(up * batch, n_pos, d_model)
-    dx_flat = dx.reshape(up * batch, n_pos, d_model).to(x.dtype)
-    dx_linear = torch.func.jvp(lambda y: block.ln_1(y, NO_HOOKS), (x_rep,), (dx_flat,))[1]
-    dx_exact = block.ln_1(x_rep + dx_flat, NO_HOOKS) - block.ln_1(x_rep, NO_HOOKS)
-    positions = position_ids.expand(up * batch, n_pos)
-    q = values[HookPoint.Q, layer].repeat(up, 1, 1, 1)
-    k = values[HookPoint.K, layer].repeat(up, 1, 1, 1)
+    q, k = values[HookPoint.Q, layer], values[HookPoint.K, layer]  # [batch pos head d_head]
     scale = block.attn.score_scale
-
-    def logit_change(dx_norm: Tensor, bilinear: bool) -> Tensor:
-        dq, dk = block.attn.qk_change(dx_norm, positions)  # [up*batch pos head d_head]
-        ds = torch.einsum("bqhe,bkhe->bhqk", dq, k) + torch.einsum("bqhe,bkhe->bhqk", q, dk)
-        if bilinear:
-            ds = ds + torch.einsum("bqhe,bkhe->bhqk", dq, dk)
-        return (ds * scale).float().reshape(up, batch, *ds.shape[1:])
-
-    ds_exact, ds_linear = logit_change(dx_exact, True), logit_change(dx_linear, False)
+    positions = position_ids.expand(batch, n_pos)
+    g_logits = grads[HookPoint.ATTN_LOGITS, layer]  # [batch head q k]
+    # The first-order term is linear in dx: sum(dx . G) with G = dm/dx through this layer's
+    # attention logits alone (the layer norm's and projections' transposes, once per layer).
+    with torch.enable_grad():
+        x_leaf = x.detach().requires_grad_()
+        dq, dk = block.attn.qk_change(block.ln_1(x_leaf, NO_HOOKS), positions)
+        through_q = torch.einsum("bhqk,bkhe->bqhe", g_logits.to(k.dtype), k) * scale
+        through_k = torch.einsum("bhqk,bqhe->bkhe", g_logits.to(q.dtype), q) * scale
+        paired = (dq * through_q).sum() + (dk * through_k).sum()
+        (G,) = torch.autograd.grad(paired, [x_leaf])
+    linear = torch.einsum("ubpd,bpd->u", dx.float(), G.float())
+    # The exact term: the layer norm of the changed residual stream, its queries and keys.
+    x_rep = x.repeat(up, 1, 1)
+    dx_flat = dx.reshape(up * batch, n_pos, d_model).to(x.dtype)
+    dx_norm = block.ln_1(x_rep + dx_flat, NO_HOOKS) - block.ln_1(x, NO_HOOKS).repeat(up, 1, 1)
+    dq, dk = (
+        d.transpose(1, 2) for d in block.attn.qk_change(dx_norm, positions.repeat(up, 1))
+    )  # [up*batch head pos d_head]
+    q_rep = q.transpose(1, 2).repeat(up, 1, 1, 1)
+    k_rep = k.transpose(1, 2).repeat(up, 1, 1, 1)
+    ds = dq @ (k_rep + dk).transpose(-1, -2) + q_rep @ dk.transpose(-1, -2)  # (q+dq)(k+dk) - qk
+    ds_exact = (ds * scale).float().reshape(up, batch, *ds.shape[1:])
     logits = values[HookPoint.ATTN_LOGITS, layer].float()  # [batch head q k]
     allowed = _allowed(runner, layer, n_pos, logits.device)
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = logits.softmax(dim=-1)
     new = (logits[None] + ds_exact).softmax(dim=-1)
     g_probs = grads[HookPoint.ATTN_PROBS, layer].float()
-    g_logits = grads[HookPoint.ATTN_LOGITS, layer].float()
     exact = ((new - probs[None]) * g_probs[None]).sum(dim=(1, 2, 3, 4))
-    linear = (ds_linear.masked_fill(~allowed, 0.0) * g_logits[None]).sum(dim=(1, 2, 3, 4))
     # m(clean) - m(patched): the fix replaces the linear term of the same path.
     return -(exact - linear)
 
@@ -450,12 +456,15 @@ def exact_terms(
         tokens = batch.tokens.repeat(c, 1)
         with torch.no_grad():
             if is_neuron:
+                # The patch changes the residual stream by (a_ref - a) times the row of W_out.
                 W_out = runner.model.block(site.layer).mlp.W_out.detach()  # [d_mlp d_model]
-                diff = (ref - value).to(W_out.dtype)[None] * where  # [c batch pos d_mlp]
+                chosen = torch.tensor([i for i, _ in chunk], device=value.device)
+                diff = (ref - value)[..., chosen].permute(2, 0, 1)  # [c batch pos]
+                diff = diff * where.any(dim=-1).to(diff.dtype)  # the chosen positions only
+                write = torch.einsum("cbp,cd->cbpd", diff.to(W_out.dtype), W_out[chosen])
                 resid = _resid_after(values, site.layer, n_layer)
-                patched = resid[None] + torch.einsum("cbpn,nd->cbpd", diff, W_out)
-                resume = (start, patched.reshape(c * batch.size, n_pos, -1))
-                m = runner.metric(batch, tokens, resume=resume)
+                patched = (resid[None] + write).reshape(c * batch.size, n_pos, -1)
+                m = runner.metric(batch, tokens, resume=(start, patched))
             else:
                 mask = where if value.ndim == 3 else where[..., None]
                 resid = values[HookPoint.RESID_PRE, site.layer]
@@ -507,9 +516,8 @@ def as_dataset(loaded: LoadedModel, dataset: DatasetArg) -> Dataset:
         return dataset
     if isinstance(dataset, str | Path):
         return load_dataset(dataset, loaded.tokenizer, n_ctx)
-    if isinstance(dataset, Sequence) and all(isinstance(r, Mapping) for r in dataset):
-        records: list[Mapping[str, object]] = [r for r in dataset if isinstance(r, Mapping)]
-        return dataset_from_records(records, loaded.tokenizer, n_ctx)
+    if isinstance(dataset, Sequence):  # records: each checked there, errors naming the line
+        return dataset_from_records(list(dataset), loaded.tokenizer, n_ctx)
     raise TdbError(
         "dataset: expected a JSONL path, a list of records or a Dataset, "
         f"got {type(dataset).__name__}"
@@ -550,6 +558,62 @@ def attached_saes(
     return attached
 
 
+@dataclass(frozen=True)
+class Options:
+    """`attribution`'s settings, checked (`check_options`)."""
+
+    methods: tuple[Method, ...]
+    reference: Reference | None  # None: corrupted when the dataset has corrupted prompts, else mean
+    kinds: tuple[ComponentKind, ...]
+    by: By
+    verify: int
+    k: int | None
+    logprob: bool
+    ig_steps: int
+    batch_size: int
+    saes: tuple[AttachedSae | str | Path, ...]
+
+
+def check_options(
+    methods: Sequence[str] | str = (DEFAULT_METHOD,),
+    ablation: str | None = None,
+    components: Sequence[str] | str = DEFAULT_KINDS,
+    by: str = By.COMPONENT,
+    verify: int = 0,
+    k: int | None = None,
+    logprob: bool = False,
+    ig_steps: int = 10,
+    batch_size: int = 32,
+    saes: Sequence[AttachedSae | str | Path] = (),
+) -> Options:
+    """The settings checked, each mistake a TdbError naming its flag."""
+    from tdb.table.request import member
+
+    for name, value, low in (
+        ("--verify", verify, 0),
+        ("--ig-steps", ig_steps, 1),
+        ("--batch-size", batch_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TdbError(f"{name}: must be an integer >= {low}, got {value!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise TdbError(f"-k: must be an integer >= 1, got {k!r}")
+    return Options(
+        methods=tuple(Method(m) for m in _choices(methods, Method, "--method")),
+        reference=None
+        if ablation is None
+        else Reference(member(Reference, ablation, "--ablation")),
+        kinds=tuple(ComponentKind(c) for c in _choices(components, ComponentKind, "--components")),
+        by=By(member(By, by, "--by")),
+        verify=verify,
+        k=k,
+        logprob=bool(logprob),
+        ig_steps=ig_steps,
+        batch_size=batch_size,
+        saes=tuple(saes),
+    )
+
+
 def attribution(
     loaded: LoadedModel,
     dataset: DatasetArg,
@@ -565,43 +629,54 @@ def attribution(
     batch_size: int = 32,
     progress: Progress | None = None,
 ) -> Attribution:
-    """Score every component of the requested kinds by each method (see the module docstring)."""
-    from tdb.table.request import member
+    """Score every component of the requested kinds by each method (see the module docstring).
 
-    method_list = [Method(m) for m in _choices(methods, Method, "--method")]
-    kinds = [ComponentKind(c) for c in _choices(components, ComponentKind, "--components")]
-    by_ = By(member(By, by, "--by"))
-    for name, value, low in (("--verify", verify, 0), ("--ig-steps", ig_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise TdbError(f"{name}: must be an integer >= {low}, got {value!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise TdbError(f"-k: must be an integer >= 1, got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TdbError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    data = as_dataset(loaded, dataset)
-    reference = (
-        Reference(member(Reference, ablation, "--ablation"))
-        if ablation is not None
-        else Reference.CORRUPTED
-        if data.has_corrupted
-        else Reference.MEAN
+    `dataset`: a JSONL path, a list of records (dicts, as the JSONL lines) or a `Dataset`.
+    `methods`: "ig" (default), "atp*", "atp", "exact"; rows sort by the first one's |score|.
+    `ablation`: "corrupted" (default when the dataset has corrupted prompts), "zero", "mean".
+    `components`: "heads", "neurons", "latents" (the demo model's own SAEs, or `saes`).
+    `by="position"`: a score per (component, position) (prompts of one token count).
+    `verify=N`: `exact` for the top N of the first method too. `k`: keep the top k rows.
+    """
+    options = check_options(
+        methods, ablation, components, by, verify, k, logprob, ig_steps, batch_size, saes
     )
-    _check_dataset(data, reference, logprob, by_)
-    attached = attached_saes(loaded, kinds, saes)
-    site_list = sites(loaded.model.config, kinds, attached)
-    runner = Runner(loaded, attached, logprob)
+    return run_attribution(loaded, dataset, options, progress)
+
+
+def run_attribution(
+    loaded: LoadedModel, dataset: DatasetArg, options: Options, progress: Progress | None = None
+) -> Attribution:
+    """`attribution` with its settings already checked (what the CLI and the server call)."""
+    data = as_dataset(loaded, dataset)
+    reference = options.reference or (Reference.CORRUPTED if data.has_corrupted else Reference.MEAN)
+    _check_dataset(data, reference, options.logprob, options.by)
+    attached = attached_saes(loaded, options.kinds, options.saes)
+    site_list = sites(loaded.model.config, options.kinds, attached)
+    runner = Runner(loaded, attached, options.logprob)
     device = next(loaded.model.parameters()).device
     progress = progress or Progress()
-    plan = _Plan(runner, data, site_list, method_list, reference, by_, ig_steps, batch_size, device)
-    progress.start(plan.total_work(verify))
+    methods = list(options.methods)
+    plan = _Plan(
+        runner,
+        data,
+        site_list,
+        methods,
+        reference,
+        options.by,
+        options.ig_steps,
+        options.batch_size,
+        device,
+    )
+    progress.start(plan.total_work(options.verify))
     try:
         scores = plan.estimate(progress)
         verified: dict[tuple[Key, int, int | None], float] = {}
-        if verify and Method.EXACT not in method_list:
-            verified = plan.verify(scores[method_list[0]], verify, progress)
+        if options.verify and Method.EXACT not in methods:
+            verified = plan.verify(scores[methods[0]], options.verify, progress)
     finally:
         progress.stop()
-    return plan.result(scores, verified, verify, k, logprob)
+    return plan.result(scores, verified, options.verify, options.k, options.logprob)
 
 
 def _check_dataset(data: Dataset, reference: Reference, logprob: bool, by: By) -> None:

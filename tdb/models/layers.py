@@ -236,8 +236,12 @@ class Attention(nn.Module):
         self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
     ) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]:
         """The change of `Q` and `K` (per query head) when the attention input changes by `dx`."""
-        dq = torch.einsum("bpd,hde->bphe", dx, self.W_Q)
-        dk = torch.einsum("bpd,gde->bpge", dx, self.W_K)
+
+        def project(W: Tensor) -> Tensor:  # [head d_model d_head] -> [batch pos head d_head]
+            flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)
+            return (dx @ flat).reshape(*dx.shape[:2], W.shape[0], W.shape[2])
+
+        dq, dk = project(self.W_Q), project(self.W_K)
         if self.rope is not None:
             rotary = Rotary.at(position_ids, self.rope)
             dq, dk = rotary.rotate(dq), rotary.rotate(dk)
