@@ -28,6 +28,10 @@ EXAMPLES = {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 60}
 # A batch nests every other request: generating one costs several times more, and what it can
 # break is mostly what the single routes already cover.
 BATCH_EXAMPLES = 25
+# An attribution runs the model over up to 256 prompts: fewer examples, and a generous timeout
+# (the requests are valid, only slow on shared CPUs; a timeout is not a server error).
+ATTRIBUTE_EXAMPLES = 15
+ATTRIBUTE_TIMEOUT_S = 300
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -50,6 +54,8 @@ def operation_labels() -> list[str]:
         "POST /api/nodes",
         "POST /api/views",
         "POST /api/batch",
+        "POST /api/attribute",
+        "GET /api/tasks",
     ]
 
 
@@ -71,13 +77,20 @@ def test_generated_requests_get_no_server_error(
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=BATCH_EXAMPLES if label.endswith("batch") else EXAMPLES[mode],
+        max_examples=BATCH_EXAMPLES
+        if label.endswith("batch")
+        else ATTRIBUTE_EXAMPLES
+        if label.endswith("attribute")
+        else EXAMPLES[mode],
         deadline=None,
         database=None,
         derandomize=True,  # the same examples every run: CI never fails by the draw
         suppress_health_check=list(HealthCheck),
     )
     def run(case: schemathesis.Case) -> None:
-        case.call_and_validate(checks=checks)
+        if label.endswith("attribute"):
+            case.call_and_validate(checks=checks, timeout=ATTRIBUTE_TIMEOUT_S)
+        else:
+            case.call_and_validate(checks=checks)
 
     run()

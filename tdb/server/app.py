@@ -1,4 +1,4 @@
-"""The FastAPI app: the API routes, the web page at `/`, and the error mapping.
+"""The FastAPI app: the API routes, the web pages (`/`, `/dataset`), and the error mapping.
 
 >>> app = create_app(load_model(), max_prompt_tokens=512)
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)      # what `tdb serve` does
@@ -84,6 +84,10 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/dataset", include_in_schema=False)
+    async def dataset_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "dataset.html")
 
     return app
 
@@ -185,6 +189,9 @@ FLAG_FIELDS = {
     "--mean-prompt": "mean_prompts",
     "--view-node": "view_nodes",
     "-k": "k",
+    "--method": "methods",
+    "--ig-steps": "ig_steps",
+    "--n": "task.n",
 }
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z-]*|-k)\b")
 

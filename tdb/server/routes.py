@@ -1,4 +1,5 @@
-"""The API routes: model info, tokenize, node table, token views, and a batch of those.
+"""The API routes: model info, tokenize, node table, token views, a batch of those, and
+task-level attribution over a dataset (with the built-in tasks' names).
 
 Every route has a response model; errors are JSON `{"error": "..."}` with a 4xx status (see
 `tdb.server.app` for the mapping), 503 with Retry-After when the model worker's queue is full.
@@ -10,11 +11,16 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
+from tdb.attribution import Task
 from tdb.errors import TdbError
 from tdb.metrics import ALL_GROUPS
 from tdb.nodes import NodeType
 from tdb.server.schemas import (
     MAX_K,
+    MAX_RECORDS,
+    MAX_TASK_N,
+    AttributionRequest,
+    AttributionResponse,
     BatchRequest,
     BatchResponse,
     BatchResult,
@@ -22,6 +28,7 @@ from tdb.server.schemas import (
     ModelInfo,
     NodeTableRequest,
     NodeTableResponse,
+    TasksResponse,
     TokenizeItem,
     TokenizeRequest,
     TokenizeResponse,
@@ -115,3 +122,17 @@ async def batch_route(request: BatchRequest, state: State) -> BatchResponse:
         except QueueFullError as e:
             results.append(BatchResult(status=503, error=ErrorResponse(error=str(e))))
     return BatchResponse(responses=results)
+
+
+@router.post("/attribute", response_model=AttributionResponse)
+async def attribute_route(request: AttributionRequest, state: State) -> Response:
+    """Task-level attribution: each component's score over a dataset of prompt pairs, by each
+    method (`tdb.attribution.attribution`)."""
+    body, cached = await state.attribution(request)
+    return json_response(body, cached)
+
+
+@router.get("/tasks", response_model=TasksResponse)
+async def tasks_route() -> TasksResponse:
+    """The built-in tasks `POST /api/attribute` takes as `task`, and its size limits."""
+    return TasksResponse(tasks=list(Task), max_n=MAX_TASK_N, max_records=MAX_RECORDS)

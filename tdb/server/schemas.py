@@ -5,10 +5,11 @@ Field names follow the Python API (`tdb.node_table`) and the CLI's flags; see do
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tdb.attribution import By, ComponentKind, Method, Reference, Task
 from tdb.metrics import ALL_GROUPS, Group
 from tdb.nodes import NodeType
 
@@ -20,6 +21,11 @@ MAX_K = 100
 MAX_VERIFY = 20
 MAX_LIST = 32
 MAX_BATCH = 16
+# Task-level attribution (`POST /api/attribute`): its cost grows with prompts x components.
+MAX_RECORDS = 512
+MAX_TASK_N = 256
+MAX_IG_STEPS = 50
+MAX_ATTRIBUTION_K = 100_000
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
@@ -30,6 +36,14 @@ Tokens = TokenSpec | Annotated[list[TokenSpec], Field(max_length=MAX_LIST)]
 GroupName = Annotated[Group, Field(strict=False)]
 NodeTypeName = Annotated[NodeType, Field(strict=False)]
 NodeId = Annotated[str, Field(min_length=1, max_length=64, examples=["h2.3@13:1"])]
+MethodName = Annotated[Method, Field(strict=False)]
+ReferenceName = Annotated[Reference, Field(strict=False)]
+ComponentKindName = Annotated[ComponentKind, Field(strict=False)]
+ByName = Annotated[By, Field(strict=False)]
+TaskName = Annotated[Task, Field(strict=False)]
+Answer = Annotated[str, Field(max_length=200)]
+Answers = Answer | Annotated[list[Answer], Field(min_length=1, max_length=MAX_LIST)]
+AnswerIds = int | Annotated[list[int], Field(min_length=1, max_length=MAX_LIST)]
 
 
 class Strict(BaseModel):
@@ -269,6 +283,107 @@ BatchItem = Annotated[NodesItem | ViewsItem | TokenizeItem, Field(discriminator=
 
 class BatchRequest(Strict):
     requests: Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class DatasetRecord(Strict):
+    """One line of a dataset of prompt pairs (`tdb.attribution.dataset`): each text field or its
+    token-id twin. Which are required, one-token answers and equal token counts are checked
+    with the dataset (a 400 naming the record: `dataset line 3: ...`, counted from 1)."""
+
+    prompt: Text | None = Field(default=None, description="the clean prompt")
+    prompt_ids: TokenIds | None = None
+    target: Answers | None = Field(
+        default=None, description="one-token answer(s) at the last token; several: mean"
+    )
+    target_ids: AnswerIds | None = None
+    distractor: Answers | None = Field(
+        default=None, description="optional: without one, the metric is log p(target) (logprob)"
+    )
+    distractor_ids: AnswerIds | None = None
+    corrupted: Text | None = Field(
+        default=None, description="the corrupted twin: as many tokens as the prompt"
+    )
+    corrupted_ids: TokenIds | None = None
+    meta: Any = Field(default=None, description="anything (not used)")
+
+
+class TaskSpec(Strict):
+    """A built-in dataset (`tdb task`): `n` prompt pairs, the same for the same seed."""
+
+    name: TaskName = Field(description="ioi, induction or capitals")
+    n: int = Field(default=16, ge=1, le=MAX_TASK_N, description="prompt pairs")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+
+class AttributionRequest(Strict):
+    """Task-level attribution over a dataset or a built-in task (give exactly one); the other
+    fields are `tdb.attribution.attribution`'s options (`tdb attribute`'s flags)."""
+
+    dataset: Annotated[list[DatasetRecord], Field(min_length=1, max_length=MAX_RECORDS)] | None = (
+        Field(default=None, description="the dataset's lines (JSONL) as objects")
+    )
+    task: TaskSpec | None = Field(default=None, description="a built-in task instead")
+    methods: Annotated[list[MethodName], Field(min_length=1, max_length=len(Method))] = Field(
+        default_factory=lambda: [Method.IG], description="exact, atp, atp*, ig (first: the sort)"
+    )
+    ablation: ReferenceName | None = Field(
+        default=None,
+        description="corrupted, zero or mean (default: corrupted when the records have "
+        "corrupted prompts, else mean)",
+    )
+    components: Annotated[
+        list[ComponentKindName], Field(min_length=1, max_length=len(ComponentKind))
+    ] = Field(
+        default_factory=lambda: [ComponentKind.HEADS, ComponentKind.NEURONS],
+        description="heads, neurons, latents",
+    )
+    by: ByName = Field(default=By.COMPONENT, description="component, or (component, position)")
+    verify: int = Field(
+        default=0, ge=0, le=MAX_VERIFY, description="exact scores of the top N as well"
+    )
+    k: int | None = Field(
+        default=None, ge=1, le=MAX_ATTRIBUTION_K, description="keep the top k rows (null: all)"
+    )
+    logprob: bool = Field(default=False, description="the metric is log p(target)")
+    ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
+
+
+class AttributionMetric(BaseModel):
+    kind: Literal["logit_diff", "logprob"]
+    clean: float = Field(description="the metric's mean over the clean prompts")
+    corrupted: float | None = Field(description="... over the corrupted ones (null: none)")
+
+
+class ComponentScoreOut(BaseModel):
+    id: str = Field(examples=["h2.1"])
+    node_type: NodeType
+    layer: int
+    index: int
+    site: str | None = Field(description="an SAE latent's site (else null)")
+    position: int | None = Field(description="the token position (by position; else null)")
+    component: str | None = Field(
+        default=None, description="the component's page, as the node table's rows link to it"
+    )
+    scores: dict[str, float | None] = Field(
+        description="per method; null where it did not score the row (exact beyond verify)"
+    )
+
+
+class AttributionResponse(BaseModel):
+    """`Attribution.to_json()` (what `tdb attribute --json` prints), each row with its link."""
+
+    metric: AttributionMetric
+    n_prompts: int
+    methods: list[Method]
+    ablation: Reference
+    by: By
+    components: list[ComponentScoreOut] = Field(description="sorted by the first method's |score|")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[Task]
+    max_n: int = Field(description="the most prompt pairs a task request may ask for")
+    max_records: int = Field(description="the most records a dataset request may hold")
 
 
 class ErrorResponse(BaseModel):

@@ -4,6 +4,9 @@
 >>> node_table_response(load_model(), NodeTableRequest(prompt="...", target=" Mary",
 ...                     distractor=" John"), max_prompt_tokens=512)
 
+>>> attribution_response(load_model(), AttributionRequest(task=TaskSpec(name="ioi", n=16)),
+...                      max_prompt_tokens=512)
+
 These functions block (they run the model); the app calls them on its worker thread.
 """
 
@@ -11,11 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tdb.attribution import Dataset, attribution, task_records
+from tdb.attribution.dataset import dataset_from_records
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError
 from tdb.metrics import Group, is_signed
-from tdb.nodes import NodeType
+from tdb.nodes import NodeType, component_link
 from tdb.server.schemas import (
+    AttributionRequest,
+    AttributionResponse,
     NodeTableRequest,
     NodeTableResponse,
     PromptRequest,
@@ -133,3 +140,55 @@ def views_response(
     return ViewsResponse.model_validate(
         {"tokens": doc["tokens"], "direction": doc["direction"]} | views
     )
+
+
+def attribution_dataset(
+    loaded: LoadedModel, request: AttributionRequest, max_prompt_tokens: int
+) -> Dataset:
+    """The request's prompt pairs: its records, or the built-in task's; each prompt within the
+    server's limit."""
+    if request.dataset is not None and request.task is not None:
+        raise TdbError("give dataset or task, not both")
+    if request.dataset is None and request.task is None:
+        raise TdbError("give dataset (a list of records) or task ({name, n, seed})")
+    if request.task is not None:
+        task = request.task
+        records = task_records(task.name, task.n, task.seed, loaded.tokenizer)
+        source = f"task {task.name.value}"
+    else:
+        assert request.dataset is not None
+        # exclude_unset: a record is passed on as it was sent (explicit nulls mean absent).
+        records = [r.model_dump(exclude_unset=True) for r in request.dataset]
+        source = "dataset"
+    data = dataset_from_records(records, loaded.tokenizer, loaded.model.config.n_ctx, source)
+    for pair in data.pairs:
+        if len(pair.tokens) > max_prompt_tokens:
+            raise TdbError(
+                f"{source} line {pair.line}: the prompt is {len(pair.tokens)} tokens; this "
+                f"server takes at most {max_prompt_tokens} (shorten it, or raise the "
+                "server's max_prompt_tokens)"
+            )
+    return data
+
+
+def attribution_response(
+    loaded: LoadedModel, request: AttributionRequest, max_prompt_tokens: int
+) -> AttributionResponse:
+    """Task-level attribution (`tdb.attribution.attribution`) as `Attribution.to_json()`, each
+    row with the link to its component page that the node table's rows have."""
+    result = attribution(
+        loaded,
+        attribution_dataset(loaded, request, max_prompt_tokens),
+        methods=[m.value for m in request.methods],
+        ablation=None if request.ablation is None else request.ablation.value,
+        components=[c.value for c in request.components],
+        by=request.by.value,
+        verify=request.verify,
+        k=request.k,
+        logprob=request.logprob,
+        ig_steps=request.ig_steps,
+    )
+    response = AttributionResponse.model_validate(result.to_json())
+    for out, row in zip(response.components, result.rows, strict=True):
+        out.component = component_link(row.component.at(0))
+    return response

@@ -12,8 +12,8 @@ from fastapi import Depends, Request
 
 from tdb.checkpoint import LoadedModel
 from tdb.server.cache import ResultCache, cache_key
-from tdb.server.schemas import NodeTableRequest, ViewsRequest
-from tdb.server.service import node_table_response, views_response
+from tdb.server.schemas import AttributionRequest, NodeTableRequest, ViewsRequest
+from tdb.server.service import attribution_response, node_table_response, views_response
 from tdb.server.worker import ModelWorker
 
 
@@ -44,6 +44,19 @@ class ServerState:
 
         def job() -> bytes:
             response = views_response(self.loaded, request, self.max_prompt_tokens)
+            return response.model_dump_json().encode()
+
+        async def compute() -> bytes:
+            return await self.worker.run(job)
+
+        return await self.cache.get_or_compute(key, compute)
+
+    async def attribution(self, request: AttributionRequest) -> tuple[bytes, bool]:
+        """The task-level attribution's JSON, and whether it was cached."""
+        key = cache_key("attribute", request.model_dump_json())
+
+        def job() -> bytes:
+            response = attribution_response(self.loaded, request, self.max_prompt_tokens)
             return response.model_dump_json().encode()
 
         async def compute() -> bytes:

@@ -5,6 +5,9 @@
 // token views, and how target and distractor split into tokens) -> render. Sorting and colours
 // are computed here; choosing node types is answered from the server's results cache.
 
+import { $, colour, componentLink, el, fmt, getJson, postJson, showError, showModelInfo }
+  from "/static/common.js";
+
 const NODE_TYPES = ["embedding", "attention_head", "mlp_neuron", "autoencoder_latent"];
 const MLP_NODES = ["neurons", "latents", "both"];
 const ATTN_NODES = ["heads", "latents", "both"];
@@ -13,24 +16,6 @@ const IOI = {
   target: " Mary",
   distractor: " John",
 };
-
-const $ = (id) => document.getElementById(id);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) {
-    if (child !== null && child !== undefined) {
-      node.append(typeof child === "string" ? document.createTextNode(child) : child);
-    }
-  }
-  return node;
-}
 
 // ---- state <-> URL -------------------------------------------------------------------------
 
@@ -129,17 +114,6 @@ function submitForm(event) {
 
 // ---- requests -------------------------------------------------------------------------------
 
-async function postJson(path, body) {
-  const response = await fetch(path, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
-  if (!response.ok) throw new Error(data.error ?? `HTTP ${response.status}`);
-  return data;
-}
-
 function requests() {
   const base = { prompt: state.prompt, ablate: state.ablate };
   if (state.target) base.target = state.target;
@@ -194,11 +168,6 @@ async function run() {
   }
 }
 
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = !message;
-}
-
 function quoted(text) {
   return JSON.stringify(text);
 }
@@ -233,20 +202,6 @@ function checkSplits() {
 }
 
 // ---- rendering ------------------------------------------------------------------------------
-
-function fmt(value) {
-  if (value === null || value === undefined) return "–";
-  const abs = Math.abs(value);
-  if (abs !== 0 && (abs < 1e-3 || abs >= 1e4)) return value.toExponential(2);
-  return value.toFixed(3);
-}
-
-// Red for positive, blue for negative; the stronger, the larger |value| / scale.
-function colour(value, scale) {
-  if (value === null || !scale) return "";
-  const alpha = Math.min(1, Math.abs(value) / scale) * 0.65;
-  return value >= 0 ? `rgba(220, 50, 47, ${alpha})` : `rgba(38, 110, 200, ${alpha})`;
-}
 
 function directionLabel(direction) {
   const names = (texts) => texts.map(quoted).join(", ");
@@ -433,9 +388,7 @@ function renderTable(table) {
     }),
     el("th", {}, "actions"));
   const rows = sortedNodes(table).map((node) => el("tr", { dataset: { node: node.id } },
-    el("td", { class: "id" }, node.component
-      ? el("a", { href: node.component, title: "component page (dataset examples)" }, node.id)
-      : node.id),
+    el("td", { class: "id" }, componentLink(node.id, node.component)),
     el("td", { class: "name" }, node.name),
     ...columns.map((c) => {
       const cell = el("td", { class: "num", dataset: { column: c } }, fmt(node.values[c]));
@@ -467,10 +420,7 @@ async function start() {
   });
   fillForm();
   try {
-    const response = await fetch("/api/model");
-    const info = await response.json();
-    $("model-info").textContent = `${info.name} (${info.architecture}): ${info.n_layer} layers, ` +
-      `${info.n_head} heads, d_mlp ${info.d_mlp}, prompts up to ${info.max_prompt_tokens} tokens`;
+    showModelInfo(await getJson("/api/model"));
   } catch (error) {
     showError(`cannot reach the tdb server: ${error.message}`);
   }
