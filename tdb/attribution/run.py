@@ -331,27 +331,28 @@ def qk_fix_terms(
     by_position: bool,
 ) -> dict[Key, Float[Tensor, "pos comp"]]:
     """AtP*'s correction per (position of the patch, head): for each later head, the effect of
-    the exact softmax of the linearly changed attention logits minus its linear estimate."""
+    the exact softmax of the changed attention logits minus AtP's linear estimate of it."""
     model, config = runner.model, runner.config
     device = next(iter(values.values())).device
     position_ids = torch.arange(n_pos, device=device)
-    out: dict[Key, Tensor] = {}
+    writes = {}
     for site in head_sites:
-        layer = site.layer
-        W_O = model.block(layer).attn.W_O.detach()  # [head d_head d_model]
+        W_O = model.block(site.layer).attn.W_O.detach()  # [head d_head d_model]
         change = (refs[site.key] - values[site.key]).to(W_O.dtype)  # [batch pos head d_head]
-        write = torch.einsum("bphe,hed->hbpd", change, W_O)  # [head batch pos d_model]
-        total = torch.zeros(n_pos, site.size, device=device)
-        patch_positions: list[int | None] = list(range(n_pos)) if by_position else [None]
-        for later in range(layer + 1, config.n_layer):
-            for p in patch_positions:
-                dx = write if p is None else _only_position(write, p)
-                term = _softmax_fix(runner, later, dx, values, grads, position_ids)  # [head]
-                if p is None:
-                    total[0] += term
-                else:
-                    total[p] += term
-        out[site.key] = total
+        writes[site.key] = torch.einsum("bphe,hed->hbpd", change, W_O)  # [head batch pos d]
+    out = {site.key: torch.zeros(n_pos, site.size, device=device) for site in head_sites}
+    patch_positions: list[int | None] = list(range(n_pos)) if by_position else [None]
+    for later in range(1, config.n_layer):
+        upstream = [site for site in head_sites if site.layer < later]
+        if not upstream:
+            continue
+        write = torch.cat([writes[site.key] for site in upstream])  # [heads batch pos d]
+        for p in patch_positions:
+            dx = write if p is None else _only_position(write, p)
+            terms = _softmax_fix(runner, later, dx, values, grads, position_ids)  # [heads]
+            sizes = [s.size for s in upstream]
+            for site, term in zip(upstream, torch.split(terms, sizes), strict=True):
+                out[site.key][0 if p is None else p] += term
     return out
 
 
@@ -369,46 +370,58 @@ def _softmax_fix(
     grads: Mapping[Key, Tensor],
     position_ids: Int[Tensor, " pos"],
 ) -> Float[Tensor, " up"]:
-    """For each upstream change dx (to `layer`'s residual input): sum over prompts, heads and
-    (query, key) of [softmax(s + ds) - softmax(s)] . dm/dp - ds_linear . dm/ds, where ds is the
-    exact change of the attention logits along this path (the layer norm computed, not
-    linearised: a patch that removes much of a token's residual stream moves its scale a lot)
-    and ds_linear its first-order part, which AtP's gradient already counted."""
-    block = runner.model.block(layer)
+    """For each upstream change dx of `layer`'s residual input (an upstream head's patch, its
+    direct path): summed over prompts, heads and (query, key), the exact change of the attention
+    pattern times dm/dp, minus the first-order change of the logits times dm/ds (what AtP's
+    gradient already counted). The exact change runs the layer norm on the changed residual
+    stream, not its linearisation: a patch that removes much of a token's residual stream
+    moves its scale a lot."""
+    attn, ln_1 = runner.model.block(layer).attn, runner.model.block(layer).ln_1
     up, batch, n_pos, d_model = dx.shape
     x = values[HookPoint.RESID_PRE, layer]  # [batch pos d_model]
     q, k = values[HookPoint.Q, layer], values[HookPoint.K, layer]  # [batch pos head d_head]
-    scale = block.attn.score_scale
     positions = position_ids.expand(batch, n_pos)
     g_logits = grads[HookPoint.ATTN_LOGITS, layer]  # [batch head q k]
     # The first-order term is linear in dx: sum(dx . G) with G = dm/dx through this layer's
-    # attention logits alone (the layer norm's and projections' transposes, once per layer).
+    # attention logits alone (the layer norm's and projections' transposes).
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_()
-        dq, dk = block.attn.qk_change(block.ln_1(x_leaf, NO_HOOKS), positions)
-        through_q = torch.einsum("bhqk,bkhe->bqhe", g_logits.to(k.dtype), k) * scale
-        through_k = torch.einsum("bhqk,bqhe->bkhe", g_logits.to(q.dtype), q) * scale
-        paired = (dq * through_q).sum() + (dk * through_k).sum()
-        (G,) = torch.autograd.grad(paired, [x_leaf])
-    linear = torch.einsum("ubpd,bpd->u", dx.float(), G.float())
-    # The exact term: the layer norm of the changed residual stream, its queries and keys.
-    x_rep = x.repeat(up, 1, 1)
-    dx_flat = dx.reshape(up * batch, n_pos, d_model).to(x.dtype)
-    dx_norm = block.ln_1(x_rep + dx_flat, NO_HOOKS) - block.ln_1(x, NO_HOOKS).repeat(up, 1, 1)
-    dq, dk = (
-        d.transpose(1, 2) for d in block.attn.qk_change(dx_norm, positions.repeat(up, 1))
-    )  # [up*batch head pos d_head]
-    q_rep = q.transpose(1, 2).repeat(up, 1, 1, 1)
-    k_rep = k.transpose(1, 2).repeat(up, 1, 1, 1)
-    ds = dq @ (k_rep + dk).transpose(-1, -2) + q_rep @ dk.transpose(-1, -2)  # (q+dq)(k+dk) - qk
-    ds_exact = (ds * scale).float().reshape(up, batch, *ds.shape[1:])
-    logits = values[HookPoint.ATTN_LOGITS, layer].float()  # [batch head q k]
-    allowed = _allowed(runner, layer, n_pos, logits.device)
+        normed = ln_1(x_leaf, NO_HOOKS)
+        through_q = torch.einsum("bhqk,bkhe->bqhe", g_logits.to(k.dtype), k)
+        through_k = torch.einsum("bhqk,bqhe->bkhe", g_logits.to(q.dtype), q)
+        paired = (attn.query_change(normed, positions) * through_q).sum() + (
+            attn.key_change(normed, positions) * through_k
+        ).sum()
+        (G,) = torch.autograd.grad(paired * attn.score_scale, [x_leaf])
+    # Only the positions the patch changes (a corrupted prompt differs in a few tokens) need the
+    # exact term's layer norm and keys; only queries whose pattern reaches m count (in the last
+    # layer: each prompt's last token).
+    changed = (dx != 0).any(dim=3).any(dim=1).any(dim=0).nonzero().squeeze(1)  # [changed]
+    dx = dx[:, :, changed]
+    linear = torch.einsum("ubpd,bpd->u", dx.float(), G[:, changed].float())
+    g_probs = grads[HookPoint.ATTN_PROBS, layer]
+    rows = (g_probs != 0).any(dim=3).any(dim=1).any(dim=0).nonzero().squeeze(1)  # [query]
+    x_c = x[:, changed]
+    x_new = (x_c[None] + dx.to(x.dtype)).reshape(up * batch, len(changed), d_model)
+    dx_norm = ln_1(x_new, NO_HOOKS).reshape(up, batch, len(changed), d_model) - ln_1(x_c, NO_HOOKS)
+    dx_norm = dx_norm.reshape(up * batch, len(changed), d_model)
+    where = positions[:, changed].repeat(up, 1)
+    heads, d_head = q.shape[2], q.shape[3]
+    dk = attn.key_change(dx_norm, where).reshape(up, batch, len(changed), heads, d_head)
+    dq_changed = attn.query_change(dx_norm, where).reshape(up, batch, len(changed), heads, d_head)
+    dq = dq_changed.new_zeros(up, batch, n_pos, heads, d_head)
+    dq[:, :, changed] = dq_changed
+    dq = dq[:, :, rows].transpose(2, 3)  # [up batch head q e]
+    q_new = q[:, rows].transpose(1, 2)[None] + dq
+    # (q + dq)(k + dk) - qk = dq k + (q + dq) dk, the second only at the changed keys
+    ds = dq @ k.permute(0, 2, 3, 1)[None]  # [up batch head q k]
+    ds[..., changed] += q_new @ dk.permute(0, 1, 3, 4, 2)
+    logits = values[HookPoint.ATTN_LOGITS, layer][:, :, rows].float()
+    allowed = _allowed(runner, layer, n_pos, logits.device)[rows]
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = logits.softmax(dim=-1)
-    new = (logits[None] + ds_exact).softmax(dim=-1)
-    g_probs = grads[HookPoint.ATTN_PROBS, layer].float()
-    exact = ((new - probs[None]) * g_probs[None]).sum(dim=(1, 2, 3, 4))
+    new = (logits[None] + (ds * attn.score_scale).float()).softmax(dim=-1)
+    exact = ((new - probs[None]) * g_probs[:, :, rows].float()[None]).sum(dim=(1, 2, 3, 4))
     # m(clean) - m(patched): the fix replaces the linear term of the same path.
     return -(exact - linear)
 

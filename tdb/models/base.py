@@ -93,11 +93,17 @@ class AttentionWeights(Protocol):
     @property
     def score_scale(self) -> float: ...
 
-    def qk_change(
+    def query_change(
         self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
-    ) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]:
-        """How queries and keys (per query head, as hooked at `Q` and `K`) change when the
-        normalised input changes by `dx`: they are linear in it (biases drop out)."""
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """How the queries (as hooked at `Q`) change when the normalised input changes by `dx`:
+        they are linear in it (the bias drops out)."""
+        ...
+
+    def key_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """How the keys change, per query head (as hooked at `K`)."""
         ...
 
 

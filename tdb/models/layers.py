@@ -232,20 +232,24 @@ class Attention(nn.Module):
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
 
-    def qk_change(
+    def query_change(
         self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
-    ) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]:
-        """The change of `Q` and `K` (per query head) when the attention input changes by `dx`."""
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """The change of `Q` when the attention input changes by `dx` (linear: no bias)."""
+        return self._rotated(dx, self.W_Q, position_ids)
 
-        def project(W: Tensor) -> Tensor:  # [head d_model d_head] -> [batch pos head d_head]
-            flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)
-            return (dx @ flat).reshape(*dx.shape[:2], W.shape[0], W.shape[2])
+    def key_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """The change of `K` (per query head) when the attention input changes by `dx`."""
+        return self.per_query_head(self._rotated(dx, self.W_K, position_ids))
 
-        dq, dk = project(self.W_Q), project(self.W_K)
-        if self.rope is not None:
-            rotary = Rotary.at(position_ids, self.rope)
-            dq, dk = rotary.rotate(dq), rotary.rotate(dk)
-        return dq, self.per_query_head(dk)
+    def _rotated(
+        self, dx: Tensor, W: Float[Tensor, "h d_model d_head"], position_ids: Tensor
+    ) -> Tensor:
+        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)  # [d_model h*d_head]
+        out = (dx @ flat).reshape(*dx.shape[:2], W.shape[0], W.shape[2])
+        return out if self.rope is None else Rotary.at(position_ids, self.rope).rotate(out)
 
     def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
         """One query head's value from the (normalised) key residual stream."""
