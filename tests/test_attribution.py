@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import make_checkpoint
-from reference import naive_run
+from reference import Reference, naive_run
 from transformers import GPT2LMHeadModel
 
 from tdb.attribution import attribution, task_records
@@ -67,7 +67,9 @@ def naive_score(
         source = naive_run(hf, corrupted, last, target, distractor)
         clean = naive_run(hf, tokens, last, target, distractor)
 
-        def edit(name: str, at: int | None, head: int | None, x: torch.Tensor) -> torch.Tensor:
+        def edit(
+            name: str, at: int | None, head: int | None, x: torch.Tensor, source: Reference = source
+        ) -> torch.Tensor:
             if kind == "head" and name == "head_out" and at == layer and head == index:
                 return source.head_writes[layer][index].sum(dim=1)
             if kind == "neuron" and name == "post" and at == layer:
@@ -112,7 +114,12 @@ def test_atp_is_activation_difference_times_gradient(
         target, distractor = r["target_ids"][0], r["distractor_ids"][0]  # type: ignore[index]
         last = len(tokens) - 1
 
-        def read(state: dict[str, object]) -> torch.Tensor:  # m with the live final norm
+        def read(
+            state: dict[str, object],
+            last: int = last,
+            target: int = target,
+            distractor: int = distractor,
+        ) -> torch.Tensor:  # m with the live final norm
             x = state["final"][last]  # type: ignore[index]
             sd = state["sd"]
             logits = (
@@ -225,10 +232,11 @@ def test_latents_exact_matches_a_hooked_patch(demo: LoadedModel) -> None:
     )
     point = attached.site.latent_point
     total = 0.0
+    kept: dict[str, torch.Tensor] = {}
     for r in records:
         clean, corrupted = (demo.tokenizer.encode(r[f]) for f in ("prompt", "corrupted"))  # type: ignore[arg-type]
         t, d = (demo.tokenizer.encode(r[f])[0] for f in ("target", "distractor"))  # type: ignore[arg-type]
-        kept: dict[str, torch.Tensor] = {}
+        kept.clear()
 
         def keep(x: torch.Tensor, layer: int | None) -> None:
             if layer == attached.layer:
@@ -241,7 +249,7 @@ def test_latents_exact_matches_a_hooked_patch(demo: LoadedModel) -> None:
             x[..., top.component.index] = kept["z"][..., top.component.index]
             return x
 
-        def m(tokens: list[int], fn: object) -> float:
+        def m(tokens: list[int], fn: object, t: int = t, d: int = d) -> float:
             hooks = attach([attached], Hooks({point: fn}))  # type: ignore[dict-item]
             with torch.no_grad():
                 logits = demo.model(torch.tensor([tokens]), hooks=hooks)

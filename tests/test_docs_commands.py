@@ -33,6 +33,8 @@ RUN = {
     r"^tdb serve$": "test_readme_serve_and_curl_run",
     r"^curl ": "test_readme_serve_and_curl_run",
     r"^bash scripts/test.sh": "CI itself (.ci/run runs it)",
+    r"^tdb (task|attribute) ": "test_attribution_docs.py::test_attribution_commands_run",
+    r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
 }
 # Commands not run by a test, and why.
 EXEMPT = {
