@@ -5,6 +5,7 @@ metric of every node against a naive reference (tests/reference_rotary.py), the 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,74 @@ def test_loading_errors_name_the_problem(tmp_path: Path) -> None:
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(TdbError, match=r"missing tensor 'model.layers.1.self_attn.k_proj.bias'"):
         load_model(tmp_path)
+
+
+def test_query_and_key_changes_give_the_changed_attention_logits(
+    checkpoint: tuple[PreTrainedModel, Path],
+) -> None:
+    """atp*'s QK fix: the queries and keys of a changed residual stream (query_change and
+    key_change of the normalised change: rotary, grouped-query) give the attention logits a
+    forward pass with that residual stream computes."""
+    loaded = load_model(checkpoint[1])
+    layer, n = 1, len(TOKENS)
+    clean = loaded.run([TOKENS], cache=["resid_pre", "q", "k", "attn_logits"])
+    x = clean.cache["resid_pre", layer]
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * x.std()
+    changed = loaded.run(
+        [TOKENS],
+        cache=["attn_logits"],
+        hooks={"resid_pre": lambda t, at: t + dx if at == layer else None},
+    )
+    block = loaded.model.block(layer)
+    dx_norm = block.ln_1(x + dx, Hooks()) - block.ln_1(x, Hooks())
+    positions = torch.arange(n)[None]
+    q = clean.cache["q", layer] + block.attn.query_change(dx_norm, positions)
+    k = clean.cache["k", layer] + block.attn.key_change(dx_norm, positions)
+    logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * block.attn.score_scale
+    expected = changed.cache["attn_logits", layer]
+    causal = torch.ones(n, n).tril().bool()
+    assert torch.allclose(logits[..., causal], expected[..., causal], atol=1e-4, rtol=1e-4)
+
+
+def test_exact_attribution_equals_a_patched_forward_pass(
+    checkpoint: tuple[PreTrainedModel, Path],
+) -> None:
+    """`tdb attribute --method exact` resumes each patch at its layer (a neuron's after it):
+    the same numbers as patching in a whole forward pass, in every architecture."""
+    from tdb.attribution import attribution
+    from tdb.hooks import patch
+
+    loaded = load_model(checkpoint[1])
+    corrupted = [*TOKENS[:4], 60, 61, *TOKENS[6:]]
+    record = {
+        "prompt_ids": TOKENS,
+        "corrupted_ids": corrupted,
+        "target_ids": [TARGET],
+        "distractor_ids": [DISTRACTOR],
+    }
+    result = attribution(loaded, [record], methods=["exact", "atp*", "ig"])
+    scores = {row.id: row.scores for row in result.rows}
+    source = loaded.run([corrupted], cache=["attn_z", "mlp_post"])
+
+    def metric(hooks: dict[str, object] | None) -> float:
+        logits = loaded.run([TOKENS], hooks=hooks).last_logits[0]  # type: ignore[arg-type]
+        return float(logits[TARGET] - logits[DISTRACTOR])
+
+    clean = metric(None)
+    for layer in range(loaded.model.config.n_layer):
+        head = patch(source.cache, "attn_z", layer, heads=1)
+        assert scores[f"h{layer}.1"]["exact"] == pytest.approx(
+            clean - metric({"attn_z": head}), abs=1e-4
+        )
+
+        def neuron(x: torch.Tensor, at: int | None, layer: int = layer) -> torch.Tensor | None:
+            if at != layer:
+                return None
+            x = x.clone()
+            x[..., 3] = source.cache["mlp_post", layer][..., 3]
+            return x
+
+        assert scores[f"n{layer}.3"]["exact"] == pytest.approx(
+            clean - metric({"mlp_post": neuron}), abs=1e-4
+        )
+    assert all(math.isfinite(v) for s in scores.values() for v in s.values() if v is not None)
