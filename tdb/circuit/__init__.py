@@ -6,5 +6,6 @@ faithfulness reaches a target, the curve against random circuits, and edges (doc
 """
 
 from tdb.circuit.result import Circuit, CurvePoint, Edge, faithfulness
+from tdb.circuit.search import find_circuit
 
-__all__ = ["Circuit", "CurvePoint", "Edge", "faithfulness"]
+__all__ = ["Circuit", "CurvePoint", "Edge", "faithfulness", "find_circuit"]
