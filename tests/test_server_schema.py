@@ -32,6 +32,8 @@ BATCH_EXAMPLES = 25
 # (the requests are valid, only slow on shared CPUs; a timeout is not a server error).
 ATTRIBUTE_EXAMPLES = 15
 ATTRIBUTE_TIMEOUT_S = 300
+# A circuit search measures many patched forward passes on top of an attribution: fewer still.
+CIRCUIT_EXAMPLES = 8
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -55,6 +57,7 @@ def operation_labels() -> list[str]:
         "POST /api/views",
         "POST /api/batch",
         "POST /api/attribute",
+        "POST /api/circuit",
         "GET /api/tasks",
     ]
 
@@ -81,6 +84,8 @@ def test_generated_requests_get_no_server_error(
         if label.endswith("batch")
         else ATTRIBUTE_EXAMPLES
         if label.endswith("attribute")
+        else CIRCUIT_EXAMPLES
+        if label.endswith("circuit")
         else EXAMPLES[mode],
         deadline=None,
         database=None,
@@ -88,7 +93,7 @@ def test_generated_requests_get_no_server_error(
         suppress_health_check=list(HealthCheck),
     )
     def run(case: schemathesis.Case) -> None:
-        if label.endswith("attribute"):
+        if label.endswith(("attribute", "circuit")):
             case.call_and_validate(checks=checks, timeout=ATTRIBUTE_TIMEOUT_S)
         else:
             case.call_and_validate(checks=checks)

@@ -1,4 +1,5 @@
-"""The FastAPI app: the API routes, the web pages (`/`, `/dataset`), and the error mapping.
+"""The FastAPI app: the API routes, the web pages (`/`, `/dataset`, `/circuit`), and the error
+mapping.
 
 >>> app = create_app(load_model(), max_prompt_tokens=512)
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)      # what `tdb serve` does
@@ -88,6 +89,10 @@ def create_app(
     @app.get("/dataset", include_in_schema=False)
     async def dataset_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "dataset.html")
+
+    @app.get("/circuit", include_in_schema=False)
+    async def circuit_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "circuit.html")
 
     return app
 
@@ -192,6 +197,9 @@ FLAG_FIELDS = {
     "--method": "methods",
     "--ig-steps": "ig_steps",
     "--n": "task.n",
+    "--max-components": "max_components",
+    "--target-faithfulness": "target_faithfulness",
+    "--max-edges": "max_edges",
 }
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z-]*|-k)\b")
 

@@ -1,5 +1,5 @@
-"""The API routes: model info, tokenize, node table, token views, a batch of those, and
-task-level attribution over a dataset (with the built-in tasks' names).
+"""The API routes: model info, tokenize, node table, token views, a batch of those,
+task-level attribution and circuits over a dataset (with the built-in tasks' names).
 
 Every route has a response model; errors are JSON `{"error": "..."}` with a 4xx status (see
 `tdb.server.app` for the mapping), 503 with Retry-After when the model worker's queue is full.
@@ -24,6 +24,8 @@ from tdb.server.schemas import (
     BatchRequest,
     BatchResponse,
     BatchResult,
+    CircuitRequest,
+    CircuitResponse,
     ErrorResponse,
     ModelInfo,
     NodeTableRequest,
@@ -132,7 +134,17 @@ async def attribute_route(request: AttributionRequest, state: State) -> Response
     return json_response(body, cached)
 
 
+@router.post("/circuit", response_model=CircuitResponse)
+async def circuit_route(request: CircuitRequest, state: State) -> Response:
+    """A circuit over a dataset of prompt pairs: the smallest set of components whose measured
+    faithfulness reaches the target, the curve against random circuits, the edges, and the
+    graph and curve as SVG (`tdb.circuit.find_circuit`, `tdb.circuit.graph`)."""
+    body, cached = await state.circuit(request)
+    return json_response(body, cached)
+
+
 @router.get("/tasks", response_model=TasksResponse)
 async def tasks_route() -> TasksResponse:
-    """The built-in tasks `POST /api/attribute` takes as `task`, and its size limits."""
+    """The built-in tasks `POST /api/attribute` and `POST /api/circuit` take as `task`, and
+    their size limits."""
     return TasksResponse(tasks=list(Task), max_n=MAX_TASK_N, max_records=MAX_RECORDS)

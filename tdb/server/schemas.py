@@ -26,6 +26,9 @@ MAX_RECORDS = 512
 MAX_TASK_N = 256
 MAX_IG_STEPS = 50
 MAX_ATTRIBUTION_K = 100_000
+# Circuits (`POST /api/circuit`): each step of the search measures a patched forward pass.
+MAX_CIRCUIT_COMPONENTS = 200
+MAX_CIRCUIT_EDGES = 1_000
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
@@ -348,6 +351,44 @@ class AttributionRequest(Strict):
     ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
 
 
+class CircuitRequest(Strict):
+    """A circuit over a dataset or a built-in task (give exactly one), as `tdb.circuit.find_circuit`
+    finds it; the other fields are its options (`tdb circuit`'s flags)."""
+
+    dataset: Annotated[list[DatasetRecord], Field(min_length=1, max_length=MAX_RECORDS)] | None = (
+        Field(default=None, description="the dataset's lines (JSONL) as objects")
+    )
+    task: TaskSpec | None = Field(default=None, description="a built-in task instead")
+    method: MethodName = Field(
+        default=Method.IG, description="the estimator that orders the search: exact, atp, atp*, ig"
+    )
+    ablation: ReferenceName | None = Field(
+        default=None,
+        description="corrupted, zero or mean (default: corrupted when the records have "
+        "corrupted prompts, else mean)",
+    )
+    components: Annotated[
+        list[ComponentKindName], Field(min_length=1, max_length=len(ComponentKind))
+    ] = Field(
+        default_factory=lambda: [ComponentKind.HEADS, ComponentKind.NEURONS],
+        description="which components the search chooses among: heads, neurons, latents",
+    )
+    max_components: int = Field(
+        default=100, ge=1, le=MAX_CIRCUIT_COMPONENTS, description="the largest circuit searched"
+    )
+    target_faithfulness: float = Field(
+        default=0.8, gt=0, le=1, description="the smallest circuit that reaches it"
+    )
+    max_edges: int = Field(
+        default=50, ge=0, le=MAX_CIRCUIT_EDGES, description="keep the top edges by |score|"
+    )
+    verify: int = Field(
+        default=0, ge=0, le=MAX_VERIFY, description="path-patch the top N edges (their exact)"
+    )
+    logprob: bool = Field(default=False, description="the metric is log p(target)")
+    ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
+
+
 class AttributionMetric(BaseModel):
     kind: Literal["logit_diff", "logprob"]
     clean: float = Field(description="the metric's mean over the clean prompts")
@@ -378,6 +419,47 @@ class AttributionResponse(BaseModel):
     ablation: Reference
     by: By
     components: list[ComponentScoreOut] = Field(description="sorted by the first method's |score|")
+
+
+class CurvePointOut(BaseModel):
+    n: int
+    faithfulness: float | None = Field(description="the top-n circuit's (null: undefined)")
+    random: float | None = Field(description="the mean over random circuits of size n")
+
+
+class EdgeOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    source: str = Field(alias="from", examples=["h0.4"], description="a component id or embed")
+    target: str = Field(alias="to", examples=["h2.1"], description="a component id or logits")
+    input: Literal["q", "k", "v", "mlp", "logits"]
+    score: float | None = Field(description="the estimate (edge attribution patching)")
+    exact: float | None = Field(description="path patching; null unless verified")
+
+
+class CircuitResponse(BaseModel):
+    """`Circuit.to_json()` (what `tdb circuit --json` prints), the graph and the curve as SVG,
+    and each component's page."""
+
+    metric: AttributionMetric
+    n_prompts: int
+    ablation: Reference
+    method: Method
+    target_faithfulness: float
+    components: list[str] = Field(description="the circuit, by decreasing estimated score")
+    faithfulness: float | None = Field(
+        description="measured: (m_circuit - m_empty) / (m_full - m_empty)"
+    )
+    m_full: float
+    m_empty: float
+    m_circuit: float
+    curve: list[CurvePointOut]
+    edges: list[EdgeOut]
+    links: dict[str, str | None] = Field(
+        description="each component's page, as the node table's rows link to it"
+    )
+    svg: str = Field(description="the circuit's graph (tdb.circuit.graph.circuit_svg)")
+    curve_svg: str = Field(description="the faithfulness curve (tdb.circuit.graph.curve_svg)")
 
 
 class TasksResponse(BaseModel):

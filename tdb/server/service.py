@@ -7,6 +7,9 @@
 >>> attribution_response(load_model(), AttributionRequest(task=TaskSpec(name="ioi", n=16)),
 ...                      max_prompt_tokens=512)
 
+>>> circuit_response(load_model(), CircuitRequest(task=TaskSpec(name="ioi", n=8)),
+...                  max_prompt_tokens=512)
+
 These functions block (they run the model); the app calls them on its worker thread.
 """
 
@@ -17,12 +20,16 @@ from collections.abc import Sequence
 from tdb.attribution import Dataset, attribution, task_records
 from tdb.attribution.dataset import dataset_from_records
 from tdb.checkpoint import LoadedModel
+from tdb.circuit.graph import circuit_svg, curve_svg
+from tdb.circuit.search import find_circuit
 from tdb.errors import TdbError
 from tdb.metrics import Group, is_signed
-from tdb.nodes import NodeType, component_link
+from tdb.nodes import ComponentIndex, NodeType, component_link, parse_target
 from tdb.server.schemas import (
     AttributionRequest,
     AttributionResponse,
+    CircuitRequest,
+    CircuitResponse,
     NodeTableRequest,
     NodeTableResponse,
     PromptRequest,
@@ -143,7 +150,7 @@ def views_response(
 
 
 def attribution_dataset(
-    loaded: LoadedModel, request: AttributionRequest, max_prompt_tokens: int
+    loaded: LoadedModel, request: AttributionRequest | CircuitRequest, max_prompt_tokens: int
 ) -> Dataset:
     """The request's prompt pairs: its records, or the built-in task's; each prompt within the
     server's limit."""
@@ -192,3 +199,38 @@ def attribution_response(
     for out, row in zip(response.components, result.rows, strict=True):
         out.component = component_link(row.component.at(0))
     return response
+
+
+def circuit_response(
+    loaded: LoadedModel, request: CircuitRequest, max_prompt_tokens: int
+) -> CircuitResponse:
+    """A circuit (`tdb.circuit.find_circuit`) as `Circuit.to_json()`, with its graph and its
+    faithfulness curve as SVG (`tdb.circuit.graph`) and each component's page."""
+    circuit = find_circuit(
+        loaded,
+        attribution_dataset(loaded, request, max_prompt_tokens),
+        method=request.method.value,
+        ablation=None if request.ablation is None else request.ablation.value,
+        components=[c.value for c in request.components],
+        max_components=request.max_components,
+        target_faithfulness=request.target_faithfulness,
+        max_edges=request.max_edges,
+        verify=request.verify,
+        logprob=request.logprob,
+        ig_steps=request.ig_steps,
+        random_draws=5,
+        seed=0,
+    )
+    links = {}
+    for cid in circuit.components:
+        component = parse_target(cid)
+        assert isinstance(component, ComponentIndex)
+        links[cid] = component_link(component.at(0))
+    return CircuitResponse.model_validate(
+        circuit.to_json()
+        | {
+            "links": links,
+            "svg": circuit_svg(circuit, loaded.model.config.n_layer),
+            "curve_svg": curve_svg(circuit),
+        }
+    )

@@ -12,8 +12,13 @@ from fastapi import Depends, Request
 
 from tdb.checkpoint import LoadedModel
 from tdb.server.cache import ResultCache, cache_key
-from tdb.server.schemas import AttributionRequest, NodeTableRequest, ViewsRequest
-from tdb.server.service import attribution_response, node_table_response, views_response
+from tdb.server.schemas import AttributionRequest, CircuitRequest, NodeTableRequest, ViewsRequest
+from tdb.server.service import (
+    attribution_response,
+    circuit_response,
+    node_table_response,
+    views_response,
+)
 from tdb.server.worker import ModelWorker
 
 
@@ -58,6 +63,20 @@ class ServerState:
         def job() -> bytes:
             response = attribution_response(self.loaded, request, self.max_prompt_tokens)
             return response.model_dump_json().encode()
+
+        async def compute() -> bytes:
+            return await self.worker.run(job)
+
+        return await self.cache.get_or_compute(key, compute)
+
+    async def circuit(self, request: CircuitRequest) -> tuple[bytes, bool]:
+        """The circuit's JSON (with its SVGs), and whether it was cached. The search is
+        deterministic (its random circuits are seeded), so the whole request is the key."""
+        key = cache_key("circuit", request.model_dump_json())
+
+        def job() -> bytes:
+            response = circuit_response(self.loaded, request, self.max_prompt_tokens)
+            return response.model_dump_json(by_alias=True).encode()  # edges' `from` and `to`
 
         async def compute() -> bytes:
             return await self.worker.run(job)

@@ -7,73 +7,16 @@
 
 import { $, colour, componentLink, el, fmt, getJson, postJson, showError, showModelInfo }
   from "/static/common.js";
+import { fileLines, pairs, readPairs, setupPairs, writePairs } from "/static/pairs.js";
 
 const MAX_ROWS = 300; // rows shown in the table (the heatmap shows every head)
 
 let model = null; // GET /api/model
-let maxRecords = 512; // GET /api/tasks says
-let upload = null; // { name, records, lines: the file line of each record }
 let result = null; // the last response
 let sort = { column: null, order: "desc" };
 
 function checked(id) {
   return [...$(id).querySelectorAll("input:checked")].map((b) => b.value);
-}
-
-function source() {
-  return document.querySelector('input[name="source"]:checked').value;
-}
-
-// ---- the uploaded file ----------------------------------------------------------------------
-
-// One JSON object a line, blank lines skipped; the first bad line is an error naming it.
-function parseJsonl(name, text) {
-  const records = [];
-  const lines = [];
-  text.split(/\r?\n/).forEach((line, i) => {
-    if (!line.trim()) return;
-    let record;
-    try {
-      record = JSON.parse(line);
-    } catch (error) {
-      throw new Error(`${name} line ${i + 1}: not JSON (${error.message})`);
-    }
-    if (record === null || typeof record !== "object" || Array.isArray(record)) {
-      throw new Error(`${name} line ${i + 1}: expected a JSON object, one a line`);
-    }
-    records.push(record);
-    lines.push(i + 1);
-  });
-  if (!records.length) throw new Error(`${name}: no records (one JSON object a line)`);
-  if (records.length > maxRecords) {
-    throw new Error(`${name}: ${records.length} records; the server takes at most ${maxRecords}`);
-  }
-  return { name, records, lines };
-}
-
-async function readFile() {
-  upload = null;
-  $("file-info").textContent = "";
-  const file = $("file").files[0];
-  if (!file) return;
-  document.querySelector('input[name="source"][value="file"]').checked = true;
-  try {
-    upload = parseJsonl(file.name, await file.text());
-    $("file-info").textContent = `${upload.records.length} records`;
-    showError("");
-  } catch (error) {
-    showError(error.message);
-  }
-}
-
-// The server numbers records from 1 ("dataset line 3") or, for a schema error, from 0
-// ("dataset.2.prompt"); an uploaded file's reader wants its own line numbers.
-function fileLines(message) {
-  if (!upload) return message;
-  const line = (i) => upload.lines[i] ?? `record ${i + 1}`;
-  return message
-    .replace(/dataset line (\d+)/g, (_, n) => `${upload.name} line ${line(Number(n) - 1)}`)
-    .replace(/dataset\.(\d+)\./g, (_, i) => `${upload.name} line ${line(Number(i))}: `);
 }
 
 // ---- the request and the URL ----------------------------------------------------------------
@@ -86,22 +29,13 @@ function request() {
     logprob: $("logprob").checked,
   };
   if ($("ablation").value) body.ablation = $("ablation").value;
-  if (source() === "file") {
-    if (!upload) throw new Error("choose a JSONL file of prompt pairs (or a built-in task)");
-    body.dataset = upload.records;
-  } else {
-    body.task = {
-      name: $("task").value,
-      n: Number.parseInt($("n").value, 10) || 16,
-      seed: Number.parseInt($("seed").value, 10) || 0,
-    };
-  }
-  return body;
+  return Object.assign(body, pairs());
 }
 
 function writeUrl(body) {
   if (!body.task) return;
-  const q = new URLSearchParams({ task: body.task.name, n: body.task.n, seed: body.task.seed });
+  const q = new URLSearchParams();
+  writePairs(q, body);
   for (const m of body.methods) q.append("method", m);
   for (const c of body.components) q.append("component", c);
   if (body.ablation) q.set("ablation", body.ablation);
@@ -114,17 +48,14 @@ function writeUrl(body) {
 function readUrl() {
   const q = new URLSearchParams(window.location.search);
   if (!q.has("task")) return false;
-  $("task").value = q.get("task");
-  for (const [key, id] of [["n", "n"], ["seed", "seed"], ["ig_steps", "ig-steps"]]) {
-    if (q.has(key)) $(id).value = q.get(key);
-  }
+  readPairs(q);
+  if (q.has("ig_steps")) $("ig-steps").value = q.get("ig_steps");
   for (const [key, id] of [["method", "methods"], ["component", "components"]]) {
     if (!q.has(key)) continue;
     for (const box of $(id).querySelectorAll("input")) box.checked = q.getAll(key).includes(box.value);
   }
   $("ablation").value = q.get("ablation") ?? "";
   $("logprob").checked = q.get("logprob") === "1";
-  document.querySelector('input[name="source"][value="task"]').checked = true;
   return true;
 }
 
@@ -153,7 +84,7 @@ async function run() {
     render();
   } catch (error) {
     if (id !== runId) return;
-    showError(body.dataset ? fileLines(error.message) : error.message);
+    showError(fileLines(error.message, body));
   } finally {
     if (id === runId) {
       $("status").textContent = "";
@@ -258,17 +189,13 @@ async function start() {
     event.preventDefault();
     run();
   });
-  $("file").addEventListener("change", readFile);
   window.addEventListener("popstate", () => {
     if (readUrl()) run();
   });
   try {
-    const [info, tasks] = await Promise.all([getJson("/api/model"), getJson("/api/tasks")]);
+    const [info] = await Promise.all([getJson("/api/model"), setupPairs()]);
     model = info;
     showModelInfo(info);
-    maxRecords = tasks.max_records;
-    $("task").replaceChildren(...tasks.tasks.map((t) => el("option", { value: t }, t)));
-    $("n").max = String(tasks.max_n);
   } catch (error) {
     showError(`cannot reach the tdb server: ${error.message}`);
     return;
