@@ -222,6 +222,48 @@ def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.Argume
     attribute.add_argument("--json", action="store_true", help="print the result as JSON")
     attribute.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    circuit = commands.add_parser(
+        "circuit",
+        help="find the smallest circuit whose measured faithfulness reaches a target",
+        description="Rank components as `tdb attribute` does, then find the smallest set whose "
+        "faithfulness (m(circuit) - m(empty)) / (m(full) - m(empty)), measured by patching every "
+        "other component from its reference, reaches --target-faithfulness; print it with the "
+        "faithfulness curve against random circuits and the edges among its components. See "
+        "docs/circuits.md.",
+    )
+    circuit.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
+    circuit.add_argument("--method", default="ig", help="ranking: ig (default), atp*, atp, exact")
+    circuit.add_argument(
+        "--ablation", help="corrupted (default with corrupted prompts), zero, mean"
+    )
+    circuit.add_argument(
+        "--components",
+        default="heads,neurons",
+        help="heads,neurons,latents (default heads,neurons)",
+    )
+    circuit.add_argument("--max-components", default="100", help="largest circuit (default 100)")
+    circuit.add_argument(
+        "--target-faithfulness", default="0.8", help="faithfulness to reach, in (0, 1] (0.8)"
+    )
+    circuit.add_argument("--max-edges", default="50", help="edges to report (default 50)")
+    circuit.add_argument(
+        "--verify", default="0", metavar="N", help="path-patch the top N edges for real"
+    )
+    circuit.add_argument("--random-draws", default="5", help="random circuits per size (5)")
+    circuit.add_argument("--seed", default="0", help="seed of the random circuits")
+    circuit.add_argument("--logprob", action="store_true", help="m = log p(target)")
+    circuit.add_argument("--ig-steps", default="10", help="integrated-gradient steps (default 10)")
+    circuit.add_argument("--batch-size", default="32", help="prompts per forward pass")
+    circuit.add_argument(
+        "--sae", action="append", default=[], metavar="DIR_OR_FILE", help="SAEs for latents"
+    )
+    circuit.add_argument(
+        "--model", help="checkpoint directory or cached model name (default: demo)"
+    )
+    circuit.add_argument("--out", metavar="DIR", help="also write circuit.json, .svg, curve.png")
+    circuit.add_argument("--json", action="store_true", help="print the circuit as JSON")
+    circuit.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     scan = commands.add_parser(
@@ -478,16 +520,71 @@ def run_attribute(args: argparse.Namespace) -> None:
     from tdb.render import AttributionProgressBar, print_attribution
 
     loaded = load_model(args.model)
-    if args.quiet:
-        result = run_attribution(loaded, args.dataset, options)
-    else:
-        with AttributionProgressBar() as bar:
-            result = run_attribution(loaded, args.dataset, options, bar)
+    with AttributionProgressBar(quiet=args.quiet) as bar:
+        result = run_attribution(loaded, args.dataset, options, bar)
     if args.json:
         json.dump(result.to_json(), sys.stdout)
         sys.stdout.write("\n")
     else:
         print_attribution(result, loaded.name)
+
+
+def parse_float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise TdbError(f"{flag}: {text!r} is not a number") from None
+
+
+def run_circuit(args: argparse.Namespace) -> None:
+    from tdb.attribution.run import check_options
+
+    settings = {
+        "max_components": parse_int(args.max_components, "--max-components", minimum=1),
+        "target_faithfulness": parse_float(args.target_faithfulness, "--target-faithfulness"),
+        "max_edges": parse_int(args.max_edges, "--max-edges", minimum=0),
+        "verify": parse_int(args.verify, "--verify", minimum=0),
+        "random_draws": parse_int(args.random_draws, "--random-draws", minimum=0),
+        "seed": parse_int(args.seed, "--seed"),
+    }
+    if not 0 < settings["target_faithfulness"] <= 1:
+        raise TdbError(f"--target-faithfulness: must be in (0, 1], got {args.target_faithfulness}")
+    check_options(  # bad flags answer before the model loads
+        methods=[args.method],
+        ablation=args.ablation,
+        components=args.components,
+        ig_steps=parse_int(args.ig_steps, "--ig-steps", minimum=1),
+        batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
+    )
+
+    from tdb.checkpoint import load_model
+    from tdb.circuit import find_circuit
+    from tdb.render import AttributionProgressBar, print_circuit
+
+    loaded = load_model(args.model)
+    with AttributionProgressBar(quiet=args.quiet) as bar:
+        circuit = find_circuit(
+            loaded,
+            args.dataset,
+            method=args.method,
+            ablation=args.ablation,
+            components=args.components,
+            logprob=args.logprob,
+            ig_steps=int(args.ig_steps),
+            saes=tuple(args.sae),
+            batch_size=int(args.batch_size),
+            progress=bar,
+            **settings,  # type: ignore[arg-type]
+        )
+    if args.out is not None:
+        from tdb.circuit.graph import write_figures
+
+        write_figures(circuit, loaded.model.config.n_layer, Path(args.out))
+    if args.json:
+        json.dump(circuit.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_circuit(circuit, loaded.name)
 
 
 def check_utf8(argv: Sequence[str]) -> None:
@@ -524,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_task(args)
         elif args.command == "attribute":
             run_attribute(args)
+        elif args.command == "circuit":
+            run_circuit(args)
     except TdbError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdb.attribution.run import Attribution, Progress
+from tdb.circuit.result import Circuit
 from tdb.metrics import is_signed
 from tdb.table import NodeTable, Verification
 
@@ -113,14 +114,15 @@ def print_token_views(views: dict[str, Any], token_texts: list[str], console: Co
 class AttributionProgressBar(Progress):
     """`tdb attribute`'s progress bar on stderr, shown once the work has taken 2 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False, label: str = "working") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+        self.quiet = quiet
         self.bar = Progress(
-            "attribute",
+            label,
             BarColumn(),
             MofNCompleteColumn(),
-            "prompt passes, ETA",
+            "steps, ETA",
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=True,
@@ -141,10 +143,12 @@ class AttributionProgressBar(Progress):
 
     def advance(self, n: int) -> None:
         self.done += n
+        if self.quiet:
+            return
         if not self.shown and time.perf_counter() - self.started > 2.0:
             self.shown = True
             self.bar.start()
-            self.task = self.bar.add_task("attribute", total=self.total, completed=self.done)
+            self.task = self.bar.add_task("work", total=self.total, completed=self.done)
         elif self.shown:
             self.bar.update(self.task, completed=min(self.done, self.total))
 
@@ -184,3 +188,36 @@ def print_attribution(result: Attribution, model_name: str, console: Console | N
         f"[dim]{len(result.rows)} rows, by |{result.methods[0]}|; score = mean over prompts of "
         "m(clean) - m(component replaced): positive supports the behaviour[/dim]"
     )
+
+
+def print_circuit(circuit: Circuit, model_name: str, console: Console | None = None) -> None:
+    """The circuit: its measured faithfulness, components, the curve and the top edges."""
+    console = console or Console(width=max(Console().width, 80))
+    console.print(
+        f"[bold]model[/bold] {model_name}   [bold]dataset[/bold] {circuit.source} "
+        f"({circuit.n_prompts} prompt pairs)   [bold]ablation[/bold] {circuit.ablation}   "
+        f"[bold]ranked by[/bold] {circuit.method}"
+    )
+    console.print(
+        f"[bold]circuit[/bold] {len(circuit.components)} of {circuit.candidates} components, "
+        f"faithfulness [bold]{circuit.faithfulness:.3f}[/bold] (measured; target "
+        f"{circuit.target_faithfulness:g})   m(full) {circuit.clean:.4f}   m(circuit) "
+        f"{circuit.m_circuit:.4f}   m(empty) {circuit.m_empty:.4f}"
+    )
+    console.print(" ".join(circuit.components))
+    curve = Table(
+        title="faithfulness of the top-n components vs random circuits", header_style="bold"
+    )
+    for column in ("n", "top n", "random (mean)"):
+        curve.add_column(column, justify="right")
+    for point in circuit.curve:
+        curve.add_row(str(point.n), f"{point.faithfulness:.3f}", f"{point.random:.3f}")
+    console.print(curve)
+    if circuit.edges:
+        edges = Table(title="edges (direct paths into each input)", header_style="bold")
+        for column in ("from", "to", "input", "score", "exact"):
+            edges.add_column(column, justify="right" if column in ("score", "exact") else "left")
+        for edge in circuit.edges:
+            exact = "" if edge.exact is None else f"{edge.exact:.4f}"
+            edges.add_row(edge.source, edge.target, edge.input, f"{edge.score:.4f}", exact)
+        console.print(edges)

@@ -524,3 +524,14 @@ def curve_png(circuit: Circuit, path: Path) -> None:
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def write_figures(circuit: Circuit, n_layer: int, out: Path) -> None:
+    """`tdb circuit --out DIR`: circuit.json, circuit.svg (the graph), curve.svg and curve.png."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "circuit.json").write_text(json.dumps(circuit.to_json(), indent=1) + "\n")
+    (out / "circuit.svg").write_text(circuit_svg(circuit, n_layer))
+    (out / "curve.svg").write_text(curve_svg(circuit))
+    curve_png(circuit, out / "curve.png")
