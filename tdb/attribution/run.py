@@ -34,7 +34,7 @@ docs/attribution.md measures how well each estimate agrees with `exact`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -300,6 +300,47 @@ def by_key(keys: Sequence[Key] | set[Key], fn: Callable[[Tensor, Key], Tensor | 
         return hook
 
     return Hooks({p: make(p) for p in points})
+
+
+# --- reference activations -------------------------------------------------------------------
+
+
+def mean_activations(
+    runner: Runner, batch_list: Iterable[Batch], keys: Sequence[Key], advance: ProgressFn
+) -> dict[Key, Tensor]:
+    """Each key's mean activation over every real token of the clean prompts."""
+    sums: dict[Key, Tensor] = {}
+    count = 0
+    for batch in batch_list:
+        _, values = runner.record(batch, batch.tokens, keys)
+        valid = batch.valid
+        for key, x in values.items():
+            mask = valid.reshape(*valid.shape, *([1] * (x.ndim - 2))).to(x.dtype)
+            total = (x.float() * mask).sum(dim=(0, 1))
+            sums[key] = sums[key] + total if key in sums else total
+        count += int(valid.sum())
+        advance(batch.size)
+    return {key: total / count for key, total in sums.items()}
+
+
+def reference_activations(
+    runner: Runner,
+    batch: Batch,
+    values: Mapping[Key, Tensor],
+    keys: Sequence[Key],
+    reference: Reference,
+    means: Mapping[Key, Tensor] | None,
+) -> tuple[dict[Key, Tensor], Tensor | None]:
+    """The reference activation at each key for this batch (the corrupted run's, zero, or
+    `means` from `mean_activations`), and m on the corrupted prompts (None for zero / mean)."""
+    if reference is Reference.CORRUPTED:
+        assert batch.corrupted is not None
+        m, refs = runner.record(batch, batch.corrupted, keys)
+        return refs, m
+    if reference is Reference.ZERO:
+        return {key: torch.zeros_like(values[key]) for key in keys}, None
+    assert means is not None
+    return {key: means[key].to(values[key].dtype).expand_as(values[key]) for key in keys}, None
 
 
 # --- the estimators ---------------------------------------------------------------------------
@@ -784,34 +825,15 @@ class _Plan:
     def compute_means(self, progress: Progress) -> dict[Key, Tensor]:
         """Each site's mean activation over every real token of the clean prompts."""
         keys = [s.key for s in self.sites]
-        sums: dict[Key, Tensor] = {}
-        count = 0
-        for batch in self.batches():
-            _, values = self.runner.record(batch, batch.tokens, keys)
-            valid = batch.valid
-            for key, x in values.items():
-                mask = valid.reshape(*valid.shape, *([1] * (x.ndim - 2))).to(x.dtype)
-                total = (x.float() * mask).sum(dim=(0, 1))
-                sums[key] = sums[key] + total if key in sums else total
-            count += int(valid.sum())
-            progress.advance(batch.size)
-        return {key: total / count for key, total in sums.items()}
+        return mean_activations(self.runner, self.batches(), keys, progress.advance)
 
     def references(
         self, batch: Batch, values: Mapping[Key, Tensor], keys: Sequence[Key]
     ) -> tuple[dict[Key, Tensor], Tensor | None]:
         """Each site's reference activation for this batch, and m on the corrupted prompts."""
-        site_keys = [s.key for s in self.sites]
-        if self.reference is Reference.CORRUPTED:
-            assert batch.corrupted is not None
-            m, refs = self.runner.record(batch, batch.corrupted, keys)
-            return refs, m
-        if self.reference is Reference.ZERO:
-            return {key: torch.zeros_like(values[key]) for key in site_keys}, None
-        assert self.means is not None
-        return {
-            key: self.means[key].to(values[key].dtype).expand_as(values[key]) for key in site_keys
-        }, None
+        if self.reference is not Reference.CORRUPTED:
+            keys = [s.key for s in self.sites]
+        return reference_activations(self.runner, batch, values, keys, self.reference, self.means)
 
     def estimate(self, progress: Progress) -> dict[Method, dict[Key, Tensor]]:
         """Each method's summed score per site, [n_pos (1 by component) comp]."""

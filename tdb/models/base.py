@@ -106,6 +106,13 @@ class AttentionWeights(Protocol):
         """How the keys change, per query head (as hooked at `K`)."""
         ...
 
+    def value_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """How the values change, per query head (as hooked at `V`; no rotation, so the
+        positions do not matter)."""
+        ...
+
 
 @runtime_checkable
 class MlpWeights(Protocol):

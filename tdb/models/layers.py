@@ -244,11 +244,21 @@ class Attention(nn.Module):
         """The change of `K` (per query head) when the attention input changes by `dx`."""
         return self.per_query_head(self._rotated(dx, self.W_K, position_ids))
 
+    def value_change(
+        self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """The change of `V` (per query head) when the attention input changes by `dx`. Values
+        do not turn, so `position_ids` is unused: it is there to match the other two."""
+        return self.per_query_head(self._projected(dx, self.W_V))
+
+    def _projected(self, dx: Tensor, W: Float[Tensor, "h d_model d_head"]) -> Tensor:
+        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)  # [d_model h*d_head]
+        return (dx @ flat).reshape(*dx.shape[:2], W.shape[0], W.shape[2])  # [batch pos h d_head]
+
     def _rotated(
         self, dx: Tensor, W: Float[Tensor, "h d_model d_head"], position_ids: Tensor
     ) -> Tensor:
-        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)  # [d_model h*d_head]
-        out = (dx @ flat).reshape(*dx.shape[:2], W.shape[0], W.shape[2])
+        out = self._projected(dx, W)
         return out if self.rope is None else Rotary.at(position_ids, self.rope).rotate(out)
 
     def head_value(self, x_key: Float[Tensor, " d_model"], head: int) -> Float[Tensor, " d_head"]:
