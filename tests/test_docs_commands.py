@@ -34,6 +34,7 @@ RUN = {
     r"^curl ": "test_readme_serve_and_curl_run",
     r"^bash scripts/test.sh": "CI itself (.ci/run runs it)",
     r"^tdb (task|attribute) ": "test_attribution_docs.py::test_attribution_commands_run",
+    r"^tdb circuit ": "test_circuit_docs.py (its commands test)",
     r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
 }
 # Commands not run by a test, and why.
