@@ -40,8 +40,14 @@ def test_circuit_commands_run_and_the_json_has_the_documented_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    documented = [c for c in commands(DOC.read_text()) if re.match(r"tdb (task|circuit) ", c)]
-    assert len(documented) >= 3
+    readme = (DOC.parent.parent / "README.md").read_text()
+    documented = [
+        c
+        for text in (readme, DOC.read_text())
+        for c in commands(text)
+        if re.match(r"tdb (task|circuit) ", c)
+    ]
+    assert len(documented) >= 5
     outputs = [run(c, capsys, tmp_path) for c in documented]
     real = json.loads(next(o for c, o in zip(documented, outputs, strict=True) if "--json" in c))
     shown = json.loads(re.findall(r"^```json\n(.*?)^```$", DOC.read_text(), re.S | re.M)[0])
