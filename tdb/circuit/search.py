@@ -42,6 +42,8 @@ from tdb.attribution.run import (
     batches,
     by_key,
     check_options,
+    mean_activations,
+    reference_activations,
     run_attribution,
 )
 from tdb.checkpoint import LoadedModel
@@ -71,40 +73,20 @@ class Evaluator:
         keys = [s.key for s in self.sites]
         corrupted = reference is Reference.CORRUPTED
         self.batches = list(batches(data, runner.config.d_vocab, batch_size, device, corrupted))
+        means = None
+        if reference is Reference.MEAN:
+            means = mean_activations(runner, self.batches, keys, lambda n: None)
         self.refs: list[dict[Key, Tensor]] = []
         self.clean = self.corrupted = 0.0
         self.n = len(data)
-        values_per_batch = []
         for batch in self.batches:
             m, values = runner.record(batch, batch.tokens, keys)
+            refs, m_ref = reference_activations(runner, batch, values, keys, reference, means)
+            self.refs.append(refs)
             self.clean += float(m.sum())
-            values_per_batch.append(values)
-            if corrupted:
-                assert batch.corrupted is not None
-                m_ref, refs = runner.record(batch, batch.corrupted, keys)
-                self.corrupted += float(m_ref.sum())
-                self.refs.append(refs)
-        if reference is Reference.ZERO:
-            self.refs = [{k: torch.zeros_like(v[k]) for k in keys} for v in values_per_batch]
-        elif reference is Reference.MEAN:
-            self.refs = self._means(values_per_batch)
+            self.corrupted += 0.0 if m_ref is None else float(m_ref.sum())
         self.clean /= self.n
         self.corrupted /= self.n
-
-    def _means(self, values_per_batch: list[dict[Key, Tensor]]) -> list[dict[Key, Tensor]]:
-        sums: dict[Key, Tensor] = {}
-        count = 0
-        for batch, values in zip(self.batches, values_per_batch, strict=True):
-            valid = batch.valid
-            for key, x in values.items():
-                mask = valid.reshape(*valid.shape, *([1] * (x.ndim - 2))).to(x.dtype)
-                total = (x.float() * mask).sum(dim=(0, 1))
-                sums[key] = sums[key] + total if key in sums else total
-            count += int(valid.sum())
-        return [
-            {k: (sums[k] / count).to(v[k].dtype).expand_as(v[k]) for k in sums}
-            for v in values_per_batch
-        ]
 
     def metric(self, circuits: Sequence[frozenset[Member]]) -> list[float]:
         """The mean metric with each circuit kept and every other component patched."""
