@@ -81,7 +81,16 @@ def main() -> None:
             edge_scores(loaded, data, top, reference=Reference.CORRUPTED, method="ig",
                         batch_size=args.n)  # fmt: skip
 
+        heads = [
+            row.component for row in ranked if row.component.node_type.value == "attention_head"
+        ]
+
+        def head_edges() -> None:
+            edge_scores(loaded, data, heads, reference=Reference.CORRUPTED, method="atp",
+                        batch_size=args.n)  # fmt: skip
+
         rows += [
+            (f"edges among all {len(heads)} heads (atp)", median_time(head_edges, args.repeats)),
             ("edges among the top 30 (atp)", median_time(edges, args.repeats)),
             ("edges among the top 30 (ig)", median_time(edges_ig, 1)),
         ]
