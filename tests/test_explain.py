@@ -140,3 +140,20 @@ def test_missing_or_unfinished_scan_is_an_error(
     assert err.count("\n") == 1 and str(unfinished) in err and "not finished" in err
     assert main(["explain", "--scan", str(unfinished), "--components", "bogus"]) == 2
     assert "--components" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # scans the whole bundled corpus with latents, and explains 7,704 components
+def test_docs_table_is_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/explanations.md's commands run, its score table is what they produce now, and the
+    explanations beat the control by a wide margin for every kind."""
+    from tdb.explain.report import score_table
+
+    out = tmp_path / "scan"
+    assert main(["scan", "--out", str(out), "--latents", "--quiet"]) == 0
+    assert main(["explain", "--scan", str(out)]) == 0
+    table = score_table(out)
+    doc = (Path(__file__).parent.parent / "docs" / "explanations.md").read_text()
+    assert table in doc
+    frame = rows(out)
+    for _, kind in frame.groupby(["node_type", frame["site"].fillna("")]):
+        assert kind["score"].mean() > kind["control_score"].mean() + 0.15
