@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a finished `tdb scan --out DIR`: serve its component pages (/component/...)",
     )
     add_scan_parser(commands)
+    add_explain_parser(commands)
     add_attribution_parsers(commands)
     return parser
 
@@ -301,6 +302,23 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "--ray", metavar="ADDRESS", help="run shards on Ray: 'local', 'auto' or a cluster address"
     )
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="explain every component of a scan in words, scored by simulation",
+        description="Explain every component of a finished `tdb scan` in one sentence with its "
+        "evidence, score it by simulating its activations on held-out examples, and write "
+        "DIR/explanations.parquet (only what is missing or stale). See docs/explanations.md.",
+    )
+    explain.add_argument("--scan", required=True, metavar="DIR", help="a finished scan's folder")
+    explain.add_argument(
+        "--components",
+        metavar="KIND,...",
+        help="heads, neurons, latents, comma-separated (default: all the scan has)",
+    )
+    explain.add_argument("--explainer", default="builtin", help="builtin (offline; the default)")
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -486,6 +504,17 @@ def run_scan(args: argparse.Namespace) -> None:
     )
 
 
+def run_explain(args: argparse.Namespace) -> None:
+    from tdb.explain import explain
+
+    kinds = None if args.components is None else [k.strip() for k in args.components.split(",")]
+    result = explain(Path(args.scan), kinds, args.explainer)
+    print(
+        f"{result.path}: {result.explained:,} components explained, "
+        f"{result.controlled:,} control scores, {result.total:,} rows"
+    )
+
+
 def run_task(args: argparse.Namespace) -> None:
     n = parse_int(args.n, "--n", minimum=1)
     seed = parse_int(args.seed, "--seed")
@@ -617,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_serve(args)
         elif args.command == "scan":
             run_scan(args)
+        elif args.command == "explain":
+            run_explain(args)
         elif args.command == "task":
             run_task(args)
         elif args.command == "attribute":

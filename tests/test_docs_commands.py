@@ -36,6 +36,8 @@ RUN = {
     r"^tdb (task|attribute) ": "test_attribution_docs.py::test_attribution_commands_run",
     r"^tdb circuit ": "test_circuit_docs.py (its commands test)",
     r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
+    r"^tdb (scan|explain) --(out|scan) DIR": "test_explain.py::test_docs_table_is_current",
+    r"^python -m tdb\.explain\.report": "test_explain.py::test_docs_table_is_current",
 }
 # Commands not run by a test, and why.
 EXEMPT = {
