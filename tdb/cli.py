@@ -162,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_pair_options(command: argparse.ArgumentParser) -> None:
+    """The dataset and the options `tdb attribute` and `tdb circuit` share."""
+    command.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
+    command.add_argument(
+        "--ablation",
+        help="replace by the corrupted prompt's value (default when the dataset has corrupted "
+        "prompts), zero, or the dataset mean (default otherwise)",
+    )
+    command.add_argument(
+        "--components",
+        default="heads,neurons",
+        help="heads,neurons,latents (default heads,neurons)",
+    )
+    command.add_argument("--logprob", action="store_true", help="m = log p(target)")
+    command.add_argument("--ig-steps", default="10", help="integrated-gradient steps (default 10)")
+    command.add_argument("--batch-size", default="32", help="prompts per forward pass")
+    command.add_argument(
+        "--sae", action="append", default=[], metavar="DIR_OR_FILE", help="SAEs for latents"
+    )
+    command.add_argument(
+        "--model", help="checkpoint directory or cached model name (default: demo)"
+    )
+    command.add_argument("--json", action="store_true", help="print the result as JSON")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     task = commands.add_parser(
         "task",
@@ -185,22 +211,12 @@ def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.Argume
         "logit(target) - logit(distractor) at the last token: exactly (patching) or estimated. "
         "See docs/attribution.md.",
     )
-    attribute.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
+    add_pair_options(attribute)
     attribute.add_argument(
         "--method",
         action="append",
         metavar="METHOD",
         help="ig (default), atp*, atp or exact (repeatable; rows sort by the first)",
-    )
-    attribute.add_argument(
-        "--ablation",
-        help="replace by the corrupted prompt's value (default when the dataset has corrupted "
-        "prompts), zero, or the dataset mean (default otherwise)",
-    )
-    attribute.add_argument(
-        "--components",
-        default="heads,neurons",
-        help="heads,neurons,latents (default heads,neurons)",
     )
     attribute.add_argument(
         "--by", default="component", help="component (default) or position (prompts of one length)"
@@ -209,19 +225,6 @@ def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.Argume
         "--verify", default="0", metavar="N", help="also patch the top N for real (exact)"
     )
     attribute.add_argument("-k", help="show the top K components (default: all)")
-    attribute.add_argument("--logprob", action="store_true", help="m = log p(target)")
-    attribute.add_argument(
-        "--ig-steps", default="10", help="integrated-gradient steps (default 10)"
-    )
-    attribute.add_argument("--batch-size", default="32", help="prompts per forward pass")
-    attribute.add_argument(
-        "--sae", action="append", default=[], metavar="DIR_OR_FILE", help="SAEs for latents"
-    )
-    attribute.add_argument(
-        "--model", help="checkpoint directory or cached model name (default: demo)"
-    )
-    attribute.add_argument("--json", action="store_true", help="print the result as JSON")
-    attribute.add_argument("--quiet", action="store_true", help="no progress bar")
 
     circuit = commands.add_parser(
         "circuit",
@@ -232,16 +235,8 @@ def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.Argume
         "faithfulness curve against random circuits and the edges among its components. See "
         "docs/circuits.md.",
     )
-    circuit.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
+    add_pair_options(circuit)
     circuit.add_argument("--method", default="ig", help="ranking: ig (default), atp*, atp, exact")
-    circuit.add_argument(
-        "--ablation", help="corrupted (default with corrupted prompts), zero, mean"
-    )
-    circuit.add_argument(
-        "--components",
-        default="heads,neurons",
-        help="heads,neurons,latents (default heads,neurons)",
-    )
     circuit.add_argument("--max-components", default="100", help="largest circuit (default 100)")
     circuit.add_argument(
         "--target-faithfulness", default="0.8", help="faithfulness to reach, in (0, 1] (0.8)"
@@ -252,18 +247,7 @@ def add_attribution_parsers(commands: argparse._SubParsersAction[argparse.Argume
     )
     circuit.add_argument("--random-draws", default="5", help="random circuits per size (5)")
     circuit.add_argument("--seed", default="0", help="seed of the random circuits")
-    circuit.add_argument("--logprob", action="store_true", help="m = log p(target)")
-    circuit.add_argument("--ig-steps", default="10", help="integrated-gradient steps (default 10)")
-    circuit.add_argument("--batch-size", default="32", help="prompts per forward pass")
-    circuit.add_argument(
-        "--sae", action="append", default=[], metavar="DIR_OR_FILE", help="SAEs for latents"
-    )
-    circuit.add_argument(
-        "--model", help="checkpoint directory or cached model name (default: demo)"
-    )
     circuit.add_argument("--out", metavar="DIR", help="also write circuit.json, .svg, curve.png")
-    circuit.add_argument("--json", action="store_true", help="print the circuit as JSON")
-    circuit.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
