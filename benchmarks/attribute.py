@@ -11,27 +11,16 @@ respect to the embeddings). Goals: atp and atp* <= 3x the baseline; exact < 60 s
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import median_time
 
 from tdb.attribution import attribution, task_records
 from tdb.attribution.run import Batch, Runner, as_dataset, batches
 from tdb.checkpoint import load_model
 from tdb.hooks import HookPoint
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

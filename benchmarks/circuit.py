@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import median_time
 
 from tdb.attribution import attribution, task_records
 from tdb.attribution.components import ComponentKind, sites
@@ -27,15 +25,6 @@ from tdb.attribution.run import Reference, Runner, as_dataset, batches
 from tdb.checkpoint import load_model
 from tdb.circuit import find_circuit
 from tdb.circuit.search import Evaluator
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

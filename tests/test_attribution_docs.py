@@ -7,33 +7,16 @@ import json
 import math
 import os
 import re
-import shlex
 from pathlib import Path
 
 import pytest
-from test_docs_commands import commands
+from test_docs_commands import commands, run_documented
 from test_docs_python import python_blocks
 
 from tdb.attribution.quality import measure
 from tdb.checkpoint import LoadedModel
-from tdb.cli import main
 
 DOC = Path(__file__).parent.parent / "docs" / "attribution.md"
-
-
-def run_documented(command: str, capsys: pytest.CaptureFixture[str]) -> str:
-    """Run one `tdb ...` command of the doc in-process (in the current directory); `> FILE`
-    writes its output there. Returns its output."""
-    command, _, target = command.partition(" > ")
-    argv = shlex.split(command)[1:]
-    if argv[0] == "attribute":
-        argv.append("--quiet")
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 0, (command, err)
-    if target:
-        Path(target.strip()).write_text(out)
-    return out
 
 
 def close(a: object, b: object) -> bool:

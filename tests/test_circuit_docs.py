@@ -7,32 +7,17 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 
 import pytest
-from test_docs_commands import commands
+from test_docs_commands import commands, run_documented
 
 from tdb.attribution import task_records
 from tdb.checkpoint import LoadedModel
 from tdb.circuit import find_circuit
-from tdb.cli import main
 
 DOC = Path(__file__).parent.parent / "docs" / "circuits.md"
 GOAL = {"ioi": 32, "induction": 85}
-
-
-def run(command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
-    command, _, target = command.partition(" > ")
-    argv = [a.replace("/tmp/ioi-circuit", str(tmp_path / "figures")) for a in shlex.split(command)]
-    if argv[1] == "circuit":
-        argv.append("--quiet")
-    code = main(argv[1:])
-    out, err = capsys.readouterr()
-    assert code == 0, (command, err)
-    if target:
-        Path(target.strip()).write_text(out)
-    return out
 
 
 @pytest.mark.slow  # three circuit searches on the demo model
@@ -48,7 +33,10 @@ def test_circuit_commands_run_and_the_json_has_the_documented_fields(
         if re.match(r"tdb (task|circuit) ", c)
     ]
     assert len(documented) >= 5
-    outputs = [run(c, capsys, tmp_path) for c in documented]
+    outputs = [
+        run_documented(c, capsys, {"/tmp/ioi-circuit": str(tmp_path / "figures")})
+        for c in documented
+    ]
     real = json.loads(next(o for c, o in zip(documented, outputs, strict=True) if "--json" in c))
     shown = json.loads(re.findall(r"^```json\n(.*?)^```$", DOC.read_text(), re.S | re.M)[0])
     assert set(shown) == set(real)

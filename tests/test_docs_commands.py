@@ -69,6 +69,28 @@ def commands(markdown: str) -> list[str]:
     return out
 
 
+QUIET = ("attribute", "circuit")  # commands with a progress bar to turn off
+
+
+def run_documented(
+    command: str, capsys: pytest.CaptureFixture[str], paths: dict[str, str] | None = None
+) -> str:
+    """Run one documented `tdb ...` command in-process (in the current directory), with each
+    path in `paths` replaced; `> FILE` writes its output there. Returns its output."""
+    command, _, target = command.partition(" > ")
+    argv = shlex.split(command)[1:]
+    for old, new in (paths or {}).items():
+        argv = [a.replace(old, new) for a in argv]
+    if argv[0] in QUIET:
+        argv.append("--quiet")
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, (command, err)
+    if target:
+        Path(target.strip()).write_text(out)
+    return out
+
+
 def test_every_documented_command_is_run_or_exempt() -> None:
     every = [(path.name, c) for path in DOCS for c in commands(path.read_text())]
     assert len(every) >= 25, "the docs lost their commands"

@@ -318,17 +318,14 @@ class TaskSpec(Strict):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
-class AttributionRequest(Strict):
-    """Task-level attribution over a dataset or a built-in task (give exactly one); the other
-    fields are `tdb.attribution.attribution`'s options (`tdb attribute`'s flags)."""
+class PairsRequest(Strict):
+    """What task-level requests share: the prompt pairs (a dataset or a built-in task; give exactly
+    one), the ablation, the components and the metric."""
 
     dataset: Annotated[list[DatasetRecord], Field(min_length=1, max_length=MAX_RECORDS)] | None = (
         Field(default=None, description="the dataset's lines (JSONL) as objects")
     )
     task: TaskSpec | None = Field(default=None, description="a built-in task instead")
-    methods: Annotated[list[MethodName], Field(min_length=1, max_length=len(Method))] = Field(
-        default_factory=lambda: [Method.IG], description="exact, atp, atp*, ig (first: the sort)"
-    )
     ablation: ReferenceName | None = Field(
         default=None,
         description="corrupted, zero or mean (default: corrupted when the records have "
@@ -340,6 +337,17 @@ class AttributionRequest(Strict):
         default_factory=lambda: [ComponentKind.HEADS, ComponentKind.NEURONS],
         description="heads, neurons, latents",
     )
+    logprob: bool = Field(default=False, description="the metric is log p(target)")
+    ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
+
+
+class AttributionRequest(PairsRequest):
+    """Task-level attribution over a dataset or a built-in task (give exactly one); the other
+    fields are `tdb.attribution.attribution`'s options (`tdb attribute`'s flags)."""
+
+    methods: Annotated[list[MethodName], Field(min_length=1, max_length=len(Method))] = Field(
+        default_factory=lambda: [Method.IG], description="exact, atp, atp*, ig (first: the sort)"
+    )
     by: ByName = Field(default=By.COMPONENT, description="component, or (component, position)")
     verify: int = Field(
         default=0, ge=0, le=MAX_VERIFY, description="exact scores of the top N as well"
@@ -347,31 +355,14 @@ class AttributionRequest(Strict):
     k: int | None = Field(
         default=None, ge=1, le=MAX_ATTRIBUTION_K, description="keep the top k rows (null: all)"
     )
-    logprob: bool = Field(default=False, description="the metric is log p(target)")
-    ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
 
 
-class CircuitRequest(Strict):
+class CircuitRequest(PairsRequest):
     """A circuit over a dataset or a built-in task (give exactly one), as `tdb.circuit.find_circuit`
     finds it; the other fields are its options (`tdb circuit`'s flags)."""
 
-    dataset: Annotated[list[DatasetRecord], Field(min_length=1, max_length=MAX_RECORDS)] | None = (
-        Field(default=None, description="the dataset's lines (JSONL) as objects")
-    )
-    task: TaskSpec | None = Field(default=None, description="a built-in task instead")
     method: MethodName = Field(
         default=Method.IG, description="the estimator that orders the search: exact, atp, atp*, ig"
-    )
-    ablation: ReferenceName | None = Field(
-        default=None,
-        description="corrupted, zero or mean (default: corrupted when the records have "
-        "corrupted prompts, else mean)",
-    )
-    components: Annotated[
-        list[ComponentKindName], Field(min_length=1, max_length=len(ComponentKind))
-    ] = Field(
-        default_factory=lambda: [ComponentKind.HEADS, ComponentKind.NEURONS],
-        description="which components the search chooses among: heads, neurons, latents",
     )
     max_components: int = Field(
         default=100, ge=1, le=MAX_CIRCUIT_COMPONENTS, description="the largest circuit searched"
@@ -385,8 +376,6 @@ class CircuitRequest(Strict):
     verify: int = Field(
         default=0, ge=0, le=MAX_VERIFY, description="path-patch the top N edges (their exact)"
     )
-    logprob: bool = Field(default=False, description="the metric is log p(target)")
-    ig_steps: int = Field(default=10, ge=1, le=MAX_IG_STEPS, description="ig's path points")
 
 
 class AttributionMetric(BaseModel):
