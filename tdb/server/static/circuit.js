@@ -6,9 +6,8 @@
 // A built-in task's request lives in the URL (task, n, seed, method, component, ablation,
 // target, max_components, max_edges, verify, ig_steps, logprob), so a link runs it again.
 
-import { $, componentLink, el, fmt, getJson, postJson, showError, showModelInfo }
-  from "/static/common.js";
-import { fileLines, pairs, readPairs, setupPairs, writePairs } from "/static/pairs.js";
+import { $, componentLink, el, fmt } from "/static/common.js";
+import { pairs, pairsRunner, readPairs, startPairsPage, writePairs } from "/static/pairs.js";
 
 // The URL's names of the number inputs, and their ids.
 const NUMBERS = [
@@ -76,37 +75,19 @@ function readUrl() {
 
 // ---- running --------------------------------------------------------------------------------
 
-let runId = 0;
-
-async function run() {
-  const id = ++runId;
-  showError("");
-  let body;
-  try {
-    body = request();
-  } catch (error) {
-    showError(error.message);
-    return;
-  }
-  writeUrl(body);
-  $("status").textContent = "searching for the circuit… (each step measures a patched forward pass)";
-  $("run").disabled = true;
-  try {
-    const out = await postJson("/api/circuit", body);
-    if (id !== runId) return;
+const run = pairsRunner({
+  route: "/api/circuit",
+  status: "searching for the circuit… (each step measures a patched forward pass)",
+  request,
+  writeUrl,
+  show(out) {
     result = out;
     render();
-  } catch (error) {
-    if (id !== runId) return;
+  },
+  onError() {
     $("results").hidden = true;
-    showError(fileLines(error.message, body));
-  } finally {
-    if (id === runId) {
-      $("status").textContent = "";
-      $("run").disabled = false;
-    }
-  }
-}
+  },
+});
 
 // ---- rendering ------------------------------------------------------------------------------
 
@@ -165,22 +146,4 @@ function renderEdges() {
 
 // ---- start ----------------------------------------------------------------------------------
 
-async function start() {
-  $("circuit-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run();
-  });
-  window.addEventListener("popstate", () => {
-    if (readUrl()) run();
-  });
-  try {
-    const [info] = await Promise.all([getJson("/api/model"), setupPairs()]);
-    showModelInfo(info);
-  } catch (error) {
-    showError(`cannot reach the tdb server: ${error.message}`);
-    return;
-  }
-  if (readUrl()) await run();
-}
-
-start();
+startPairsPage({ form: "circuit-form", run, readUrl });

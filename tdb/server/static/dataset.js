@@ -5,9 +5,8 @@
 // A built-in task's request lives in the URL (task, n, seed, method, component, ablation,
 // ig_steps, logprob), so a link runs it again; an uploaded file cannot, so it is not kept.
 
-import { $, colour, componentLink, el, fmt, getJson, postJson, showError, showModelInfo }
-  from "/static/common.js";
-import { fileLines, pairs, readPairs, setupPairs, writePairs } from "/static/pairs.js";
+import { $, colour, componentLink, el, fmt } from "/static/common.js";
+import { pairs, pairsRunner, readPairs, startPairsPage, writePairs } from "/static/pairs.js";
 
 const MAX_ROWS = 300; // rows shown in the table (the heatmap shows every head)
 
@@ -61,37 +60,17 @@ function readUrl() {
 
 // ---- running --------------------------------------------------------------------------------
 
-let runId = 0;
-
-async function run() {
-  const id = ++runId;
-  showError("");
-  let body;
-  try {
-    body = request();
-  } catch (error) {
-    showError(error.message);
-    return;
-  }
-  writeUrl(body);
-  $("status").textContent = "computing…";
-  $("run").disabled = true;
-  try {
-    const out = await postJson("/api/attribute", body);
-    if (id !== runId) return;
+const run = pairsRunner({
+  route: "/api/attribute",
+  status: "computing…",
+  request,
+  writeUrl,
+  show(out) {
     result = out;
     sort = { column: null, order: "desc" };
     render();
-  } catch (error) {
-    if (id !== runId) return;
-    showError(fileLines(error.message, body));
-  } finally {
-    if (id === runId) {
-      $("status").textContent = "";
-      $("run").disabled = false;
-    }
-  }
-}
+  },
+});
 
 // ---- rendering ------------------------------------------------------------------------------
 
@@ -184,23 +163,11 @@ function renderScores() {
 
 // ---- start ----------------------------------------------------------------------------------
 
-async function start() {
-  $("attribution-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    run();
-  });
-  window.addEventListener("popstate", () => {
-    if (readUrl()) run();
-  });
-  try {
-    const [info] = await Promise.all([getJson("/api/model"), setupPairs()]);
+startPairsPage({
+  form: "attribution-form",
+  run,
+  readUrl,
+  onModel(info) {
     model = info;
-    showModelInfo(info);
-  } catch (error) {
-    showError(`cannot reach the tdb server: ${error.message}`);
-    return;
-  }
-  if (readUrl()) await run();
-}
-
-start();
+  },
+});

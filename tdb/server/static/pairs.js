@@ -2,7 +2,7 @@
 // uploaded JSONL file of records, read in the browser. Both pages hold the same controls
 // (#task, #n, #seed, #file, #file-info, the radio buttons named "source").
 
-import { $, el, getJson, showError } from "/static/common.js";
+import { $, el, getJson, postJson, showError, showModelInfo } from "/static/common.js";
 
 let maxRecords = 512; // GET /api/tasks says
 let upload = null; // { name, records, lines: the file line of each record }
@@ -96,4 +96,59 @@ export async function setupPairs() {
   maxRecords = tasks.max_records;
   $("task").replaceChildren(...tasks.tasks.map((t) => el("option", { value: t }, t)));
   $("n").max = String(tasks.max_n);
+}
+
+// The pages' request cycle: build the body (an Error there is shown, nothing sent), keep it in
+// the URL, POST it with a status line and the button disabled, and hand the answer to `show`;
+// an answer to an older run is dropped. Returns the function that runs the form once.
+export function pairsRunner({ route, status, request, writeUrl, show, onError }) {
+  let runId = 0;
+  return async function run() {
+    const id = ++runId;
+    showError("");
+    let body;
+    try {
+      body = request();
+    } catch (error) {
+      showError(error.message);
+      return;
+    }
+    writeUrl(body);
+    $("status").textContent = status;
+    $("run").disabled = true;
+    try {
+      const out = await postJson(route, body);
+      if (id === runId) show(out);
+    } catch (error) {
+      if (id !== runId) return;
+      if (onError) onError();
+      showError(fileLines(error.message, body));
+    } finally {
+      if (id === runId) {
+        $("status").textContent = "";
+        $("run").disabled = false;
+      }
+    }
+  };
+}
+
+// Wires the form and the browser's back/forward to `run`, shows the model, and runs the URL's
+// request if it holds one. `readUrl()` fills the form from the URL (false: nothing there).
+export async function startPairsPage({ form, run, readUrl, onModel }) {
+  $(form).addEventListener("submit", (event) => {
+    event.preventDefault();
+    run();
+  });
+  window.addEventListener("popstate", () => {
+    if (readUrl()) run();
+  });
+  try {
+    const [info] = await Promise.all([getJson("/api/model"), setupPairs()]);
+    if (onModel) onModel(info);
+    showModelInfo(info);
+  } catch (error) {
+    showError(`cannot reach the tdb server: ${error.message}`);
+    return;
+  }
+  if (readUrl()) await run();
 }
