@@ -129,6 +129,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(429, b'{"error": "slow down"}', {"Retry-After": "1"})
             elif todo == "500":
                 self.reply(500, b"internal error")
+            elif todo == "401":
+                self.reply(401, b'{"error": "key revoked"}')
             elif todo == "echo":
                 self.reply(500, f"no: {self.headers['Authorization']}".encode())
             elif todo == "drop":
@@ -329,6 +331,28 @@ def test_one_failure_leaves_the_others(
     # Asked again: the garbage one's simulate (its explanation is cached), the other's both.
     assert len(server.log) - before == 1 + 1 + 2  # and the endpoint check
     assert len(rows(folder)) == N_HEADS
+
+
+def test_a_refused_key_mid_run_stops_it_and_keeps_what_is_done(
+    folder: Path, server: FakeLlm
+) -> None:
+    server.rule = lambda kind, n: "401" if kind == "explain" and n > 10 else None
+    config = LlmConfig(server.url, "fake", concurrency=1)
+    with pytest.raises(TdbError, match=r"refused the request \(HTTP 401\): set the API key in"):
+        explain(folder, ["heads"], "llm", llm=config)
+    assert server.counts == {"explain": 11, "simulate": 10}  # no request after the refusal
+    assert len(rows(folder)) == 10
+
+
+def test_builtin_after_llm_replaces_the_rows_and_their_controls(
+    folder: Path, server: FakeLlm
+) -> None:
+    explain(folder, ["heads"], "llm", llm=LlmConfig(server.url, "fake"))
+    assert rows(folder)["control_score"].isna().all()
+    builtin = explain(folder, ["heads"])
+    assert (builtin.explained, builtin.controlled) == (N_HEADS, N_HEADS)
+    got = rows(folder)
+    assert (got["explainer"] == "builtin").all() and got["control_score"].notna().all()
 
 
 def test_the_key_never_shows(

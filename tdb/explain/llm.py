@@ -113,13 +113,15 @@ class LlmExplainer:
         held = examples.held_out
         held_texts = self._texts(held)
         lengths = [len(t) for t in held_texts]
-        messages = llm_prompts.simulate_messages(sentence, held_texts)
-        predicted = self._ask(
-            "simulate",
-            examples.key,
-            messages,
-            lambda answer: llm_prompts.parse_simulation(answer, lengths),
-        )
+        predicted: object = []
+        if sum(lengths) >= 2:  # else nothing to correlate: the score is 0, as built in
+            messages = llm_prompts.simulate_messages(sentence, held_texts)
+            predicted = self._ask(
+                "simulate",
+                examples.key,
+                messages,
+                lambda answer: llm_prompts.parse_simulation(answer, lengths),
+            )
         assert isinstance(predicted, list)
         flat = np.array([v for values in predicted for v in values], dtype=np.float64)
         evidence = {

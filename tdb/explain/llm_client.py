@@ -209,6 +209,10 @@ class Client:
         for attempt in range(1, self.config.attempts + 1):
             try:
                 return self._attempt(body)
+            except LlmFatalError as e:
+                with self._check_lock:  # the requests still queued fail without asking
+                    self._unreachable = e
+                raise
             except _RetryableError as e:
                 if attempt == self.config.attempts:
                     raise LlmError(f"no answer after {attempt} attempts (last: {e})") from None
