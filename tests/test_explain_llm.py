@@ -29,7 +29,7 @@ from test_explain import WINDOW, K, corpus  # noqa: F401  (corpus: a fixture)
 from tdb.cli import main
 from tdb.errors import TdbError
 from tdb.explain import explain
-from tdb.explain.llm_client import LlmConfig, retry_after_seconds
+from tdb.explain.llm_client import LlmConfig, api_key, retry_after_seconds
 from tdb.explain.llm_prompts import (
     BadAnswerError,
     parse_explanation,
@@ -164,7 +164,7 @@ def server() -> Iterator[FakeLlm]:
 
 
 @pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("TDB_LLM_API_KEY", KEY)
 
@@ -344,6 +344,7 @@ def test_a_refused_key_mid_run_stops_it_and_keeps_what_is_done(
     assert len(rows(folder)) == 10
 
 
+@pytest.mark.slow  # the built-in explainer loads the model: about 20 s on a busy machine
 def test_builtin_after_llm_replaces_the_rows_and_their_controls(
     folder: Path, server: FakeLlm
 ) -> None:
@@ -480,3 +481,15 @@ def test_scaling_and_strict_parsing() -> None:
     assert retry_after_seconds("3") == 3.0
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412480.0) == 5.0
     assert retry_after_seconds("soon") is None
+
+
+def test_the_key_comes_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert api_key() == KEY
+    monkeypatch.delenv("TDB_LLM_API_KEY")
+    assert api_key() is None  # a local server wants none
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert api_key() == "sk-openai"
+    monkeypatch.setenv("TDB_LLM_API_KEY", KEY)
+    assert api_key() == KEY  # tdb's own first
+    with pytest.raises(SystemExit):  # no flag takes a key
+        main(["explain", "--scan", "x", "--llm-api-key", KEY])
