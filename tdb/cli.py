@@ -318,6 +318,11 @@ def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     explain.add_argument(
         "--llm-timeout", default="120", metavar="SECONDS", help="--explainer llm: per request"
     )
+    explain.add_argument(
+        "--llm-control",
+        action="store_true",
+        help="--explainer llm: also a control score (one more request per component)",
+    )
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -518,9 +523,10 @@ def run_explain(args: argparse.Namespace) -> None:
             args.llm_model,
             concurrency=parse_int(args.llm_concurrency, "--llm-concurrency", minimum=1),
             timeout_s=parse_float(args.llm_timeout, "--llm-timeout"),
+            control=args.llm_control,
         )
-    elif args.llm_url is not None or args.llm_model is not None:
-        raise TdbError("--llm-url, --llm-model: only with --explainer llm")
+    elif args.llm_url is not None or args.llm_model is not None or args.llm_control:
+        raise TdbError("--llm-url, --llm-model, --llm-control: only with --explainer llm")
     result = explain(Path(args.scan), kinds, args.explainer, llm=llm)
     print(
         f"{result.path}: {result.explained:,} components explained, "

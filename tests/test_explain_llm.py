@@ -36,6 +36,7 @@ from tdb.explain.llm_prompts import (
     parse_simulation,
     scaled,
 )
+from tdb.explain.run import control_partners
 from tdb.scan import ScanSettings, scan
 
 KEY = "sk-test-0123456789abcdef"
@@ -214,15 +215,19 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     return 0.0 if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
-def by_hand(folder: Path, layer: int, head: int) -> tuple[list[str], str, float]:
-    """The explain prompt's lines, the explanation and the score the fake server must lead
-    to, from examples.parquet with plain loops."""
+def head_examples(folder: Path, layer: int, head: int) -> pd.DataFrame:
     examples = pd.read_parquet(folder / "examples.parquet")
-    mine = examples[
+    return examples[
         (examples["node_type"] == "attention_head")
         & (examples["layer"] == layer)
         & (examples["index"] == head)
     ]
+
+
+def by_hand(folder: Path, layer: int, head: int) -> tuple[list[str], str]:
+    """The explain prompt's excerpts and the token the fake server's explanation must name,
+    from examples.parquet with plain loops."""
+    mine = head_examples(folder, layer, head)
     top = mine[mine["rank"].notna()].sort_values("rank")
     explaining = top[top["rank"] % 2 == 0]
     peak = max(float(a) for acts in explaining["activations"] for a in acts)
@@ -237,17 +242,23 @@ def by_hand(folder: Path, layer: int, head: int) -> tuple[list[str], str, float]
             if v > best:
                 best, target = v, t
         blocks.append("\n".join(lines))
-    row = rows(folder).loc[("attention_head", layer, head)]
-    windows = {f"top:{int(r.rank)}": r for r in top.itertuples()}
+    return blocks, target
+
+
+def score_by_hand(folder: Path, layer: int, head: int, target: str, scored_on: list[str]) -> float:
+    """The correlation of 'fires on `target`' (10 on it, else 0) with the head's activations on
+    the windows `scored_on`."""
+    mine = head_examples(folder, layer, head)
+    windows = {f"top:{int(r.rank)}": r for r in mine.itertuples() if r.rank == r.rank}
     windows |= {
         f"sample:{r.doc_id}:{r.window_start}": r for r in mine.itertuples() if r.rank != r.rank
     }
     predicted, real = [], []
-    for label in row["scored_on"]:
+    for label in scored_on:
         w = windows[label]
         predicted += [10.0 if t == target else 0.0 for t in w.tokens]
         real += [float(a) for a in w.activations]
-    return blocks, f"Fires on {json.dumps(target)}.", pearson(predicted, real)
+    return pearson(predicted, real)
 
 
 def test_end_to_end_against_a_hand_computation(
@@ -266,16 +277,38 @@ def test_end_to_end_against_a_hand_computation(
     assert len(server.chats()) == 2 * N_HEADS  # one explain, one simulate each
     scores = []
     for _, layer, head in got.index:
-        blocks, sentence, score = by_hand(folder, layer, head)
+        blocks, target = by_hand(folder, layer, head)
         assert any(all(b in p for b in blocks) for p in prompts)  # scaled 0-10, by hand
         row = got.loc[("attention_head", layer, head)]
-        assert row["explanation"] == sentence
+        assert row["explanation"] == f"Fires on {json.dumps(target)}."
+        score = score_by_hand(folder, layer, head, target, list(row["scored_on"]))
         assert row["score"] == pytest.approx(score, abs=1e-9)
         tops = sorted(int(s[4:]) for s in row["scored_on"] if s.startswith("top:"))
         assert tops == [r for r in range(K) if r % 2 == 1]  # held out: the odd ranks
         scores.append(score)
     assert len(set(scores)) > 1 and max(scores) > 0.2  # scores that say something
     assert server.max_in_flight == 3  # --llm-concurrency, reached and never passed
+
+
+def test_the_control_by_hand(folder: Path, server: FakeLlm) -> None:
+    assert main(llm_args(folder, server, "--llm-control")) == 0
+    got = rows(folder)
+    partners = control_partners([("attention_head", la, h, None) for _, la, h in got.index])
+    # A partner with the same explanation asks the same question: answered from the cache.
+    same = sum(
+        got.loc[key[:3], "explanation"] == got.loc[partner[:3], "explanation"]
+        for key, partner in partners.items()
+    )
+    assert server.counts == {"explain": N_HEADS, "simulate": 2 * N_HEADS - same}
+    for (_, layer, head), row in got.iterrows():
+        partner = partners[("attention_head", layer, head, None)]
+        _, target = by_hand(folder, partner[1], partner[2])
+        control = score_by_hand(folder, layer, head, target, list(row["scored_on"]))
+        assert row["control_score"] == pytest.approx(control, abs=1e-9)
+    assert got["score"].mean() > got["control_score"].mean()
+    before = len(server.log)
+    assert main(llm_args(folder, server, "--llm-control")) == 0
+    assert len(server.log) == before  # nothing asked twice
 
 
 def test_a_second_run_pays_for_nothing(folder: Path, server: FakeLlm) -> None:

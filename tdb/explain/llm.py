@@ -13,11 +13,12 @@ docs/explanations.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class LlmExplainer:
 
     def __init__(self, folder: Path, config: LlmConfig, vocab: list[str]) -> None:
         self.config = config
+        self.folder = folder
         self.vocab = vocab
         self.client = Client(config, api_key())
         self.cache = Cache(folder)
@@ -103,6 +105,30 @@ class LlmExplainer:
         self.cache.put(cache_key, record | {"component": list(key), "answer": answer})
         return parsed
 
+    def simulate_score(self, key: ComponentKey, sentence: str, held: Windows) -> float:
+        """The correlation of the activations simulated from `sentence` on the windows `held`
+        with the real ones."""
+        texts = self._texts(held)
+        lengths = [len(t) for t in texts]
+        if sum(lengths) < 2:  # nothing to correlate: the score is 0, as built in
+            return 0.0
+        predicted = self._ask(
+            "simulate",
+            key,
+            llm_prompts.simulate_messages(sentence, texts),
+            lambda answer: llm_prompts.parse_simulation(answer, lengths),
+        )
+        assert isinstance(predicted, list)
+        flat = np.array([v for values in predicted for v in values], dtype=np.float64)
+        return simulate.correlation(flat, held.flat().acts)
+
+    def control_row(self, examples: ComponentExamples, row: Row, partner: Row) -> Row:
+        """`row` with its control score: the partner's explanation simulated on this
+        component's held-out examples."""
+        sentence = str(partner["explanation"])
+        control = self.simulate_score(examples.key, sentence, examples.held_out)
+        return row | {"control_score": control}
+
     def row(self, examples: ComponentExamples) -> Row:
         """The component's row: explained on its explaining top examples, scored on its
         held-out examples."""
@@ -111,19 +137,7 @@ class LlmExplainer:
         messages = llm_prompts.explain_messages(self._texts(top), top.acts)
         sentence = str(self._ask("explain", examples.key, messages, llm_prompts.parse_explanation))
         held = examples.held_out
-        held_texts = self._texts(held)
-        lengths = [len(t) for t in held_texts]
-        predicted: object = []
-        if sum(lengths) >= 2:  # else nothing to correlate: the score is 0, as built in
-            messages = llm_prompts.simulate_messages(sentence, held_texts)
-            predicted = self._ask(
-                "simulate",
-                examples.key,
-                messages,
-                lambda answer: llm_prompts.parse_simulation(answer, lengths),
-            )
-        assert isinstance(predicted, list)
-        flat = np.array([v for values in predicted for v in values], dtype=np.float64)
+        score = self.simulate_score(examples.key, sentence, held)
         evidence = {
             "explained_on": top.labels,
             "max_activation": max((float(a.max()) for a in top.acts if len(a)), default=0.0),
@@ -136,8 +150,8 @@ class LlmExplainer:
             "site": site,
             "explanation": sentence,
             "evidence": json.dumps(evidence),
-            "score": simulate.correlation(flat, held.flat().acts),
-            "control_score": None,  # another simulate request per component: not paid for
+            "score": score,
+            "control_score": None,  # filled in by `control_with_llm` when asked for
             "scored_on": held.labels,
             "explainer": explainer_name(self.config),
             "version": llm_prompts.VERSION,
@@ -146,25 +160,62 @@ class LlmExplainer:
 
 
 def explain_with_llm(
-    folder: Path,
-    config: LlmConfig,
-    vocab: list[str],
+    explainer: LlmExplainer,
     todo: list[ComponentExamples],
     rows: dict[ComponentKey, Row],
     progress: Callable[[int, int], None] | None = None,
 ) -> LlmRun:
-    """Explain the components of `todo` into `rows`, `config.concurrency` at a time, saving the
-    file as rows come in. An `LlmFatalError` (endpoint unreachable, key refused) stops the run after
+    """Explain the components of `todo` into `rows`, `concurrency` at a time, saving the file
+    as rows come in. An `LlmFatalError` (endpoint unreachable, key refused) stops the run after
     saving what is done; an `LlmError` fails only its component."""
-    explainer = LlmExplainer(folder, config, vocab)
+    tasks: dict[ComponentKey, Callable[[], Row]] = {
+        c.key: functools.partial(explainer.row, c) for c in todo
+    }
+    return _in_pool(explainer, tasks, rows, progress)
+
+
+def control_with_llm(
+    explainer: LlmExplainer,
+    components: dict[ComponentKey, ComponentExamples],
+    partners: dict[ComponentKey, ComponentKey],
+    rows: dict[ComponentKey, Row],
+    stale: set[ComponentKey],
+) -> LlmRun:
+    """Control scores of this explainer's rows that lack one or whose partner changed: one more
+    simulate request each, the partner's explanation on the component's held-out examples."""
+    name = explainer_name(explainer.config)
+    tasks: dict[ComponentKey, Callable[[], Row]] = {}
+    for key, examples in components.items():
+        row, partner = rows.get(key), rows.get(partners[key])
+        if (
+            row is None
+            or partner is None
+            or name != row["explainer"]
+            or name != partner["explainer"]
+        ):
+            continue
+        if row["control_score"] is None or {key, partners[key]} & stale:
+            tasks[key] = functools.partial(explainer.control_row, examples, row, partner)
+    run = _in_pool(explainer, tasks, rows, None)
+    run.failures = [(key, f"control: {why}") for key, why in run.failures]
+    return run
+
+
+def _in_pool(
+    explainer: LlmExplainer,
+    tasks: dict[ComponentKey, Callable[[], Row]],
+    rows: dict[ComponentKey, Row],
+    progress: Callable[[int, int], None] | None,
+) -> LlmRun:
+    """Run `tasks` (each makes one component's row) on `concurrency` threads into `rows`."""
     result = LlmRun()
     saved_at = time.monotonic()
     dirty = False
-    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="tdb-llm")
+    pool = ThreadPoolExecutor(
+        max_workers=explainer.config.concurrency, thread_name_prefix="tdb-llm"
+    )
     try:
-        pending: dict[Future[Row], ComponentKey] = {
-            pool.submit(explainer.row, c): c.key for c in todo
-        }
+        pending = {pool.submit(task): key for key, task in tasks.items()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -177,9 +228,9 @@ def explain_with_llm(
                 result.explained += 1
                 dirty = True
             if progress is not None:
-                progress(result.explained + len(result.failures), len(todo))
+                progress(result.explained + len(result.failures), len(tasks))
             if dirty and time.monotonic() - saved_at > SAVE_EVERY_S:
-                write_rows(folder, rows)
+                write_rows(explainer.folder, rows)
                 saved_at, dirty = time.monotonic(), False
     except LlmFatalError:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -187,5 +238,5 @@ def explain_with_llm(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         if dirty:
-            write_rows(folder, rows)
+            write_rows(explainer.folder, rows)
     return result

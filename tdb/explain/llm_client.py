@@ -52,6 +52,7 @@ class LlmConfig:
     attempts: int = 5  # per request, the first included
     backoff_s: float = 1.0  # the wait before the second attempt; doubles after each
     max_wait_s: float = 120.0  # the longest wait between attempts, Retry-After included
+    control: bool = False  # also a control score: one more simulate request per component
 
 
 class LlmError(TdbError):

@@ -21,7 +21,14 @@ from tdb.checkpoint import LoadedModel, load_model
 from tdb.errors import TdbError
 from tdb.explain import attention, llm_prompts, simulate
 from tdb.explain.evidence import token_evidence
-from tdb.explain.llm import check_config, explain_with_llm, explainer_name
+from tdb.explain.llm import (
+    LlmExplainer,
+    LlmRun,
+    check_config,
+    control_with_llm,
+    explain_with_llm,
+    explainer_name,
+)
 from tdb.explain.llm_client import LlmConfig
 from tdb.explain.output import EXPLANATIONS, Row, read_rows, write_rows
 from tdb.explain.scan_data import (
@@ -216,12 +223,26 @@ def _explain(
         or rows[c.key]["version"] != version
         or rows[c.key]["examples_fingerprint"] != c.fingerprint
     ]
+    stale = {c.key for c in todo}
+    if llm is not None:
+        explainer = LlmExplainer(folder, llm, data.vocab)
+        run = explain_with_llm(explainer, todo, rows, progress)
+        controls = LlmRun()
+        if llm.control:
+            partners = control_partners(list(by_key))
+            controls = control_with_llm(explainer, by_key, partners, rows, stale)
+        builtin = _control_scores(by_key, rows, stale, code_of)  # built-in rows left over
+        if builtin:
+            write_rows(folder, rows)
+        return ExplainResult(
+            folder / EXPLANATIONS,
+            run.explained,
+            controls.explained + builtin,
+            len(rows),
+            run.failures + controls.failures,
+        )
     explained = 0
-    failed: list[tuple[ComponentKey, str]] = []
-    if todo and llm is not None:
-        run = explain_with_llm(folder, llm, data.vocab, todo, rows, progress)
-        explained, failed = run.explained, run.failures
-    elif todo:
+    if todo:
         heads = {d for c in todo if c.key[0] == "attention_head" for d in c.explain_top.doc_start}
         runner = Explainer(data, sorted(heads))
         groups: dict[tuple[str, str | None, int], list[ComponentExamples]] = {}
@@ -234,10 +255,10 @@ def _explain(
             write_rows(folder, rows)  # a whole layer at a time: resumable
             if progress is not None:
                 progress(explained, len(todo))
-    controlled = _control_scores(by_key, rows, {c.key for c in todo}, code_of)
+    controlled = _control_scores(by_key, rows, stale, code_of)
     if controlled:
         write_rows(folder, rows)
-    return ExplainResult(folder / EXPLANATIONS, explained, controlled, len(rows), failed)
+    return ExplainResult(folder / EXPLANATIONS, explained, controlled, len(rows))
 
 
 def _control_scores(
