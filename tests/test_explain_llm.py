@@ -166,6 +166,8 @@ def server() -> Iterator[FakeLlm]:
 
 @pytest.fixture(autouse=True)
 def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)  # urllib would send loopback requests there
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("TDB_LLM_API_KEY", KEY)
 
