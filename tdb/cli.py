@@ -302,7 +302,27 @@ def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="KIND,...",
         help="heads, neurons, latents, comma-separated (default: all the scan has)",
     )
-    explain.add_argument("--explainer", default="builtin", help="builtin (offline; the default)")
+    explain.add_argument(
+        "--explainer", default="builtin", help="builtin (offline; the default) or llm"
+    )
+    explain.add_argument(
+        "--llm-url",
+        metavar="URL",
+        help="--explainer llm: an OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1 "
+        "(the key, if any, from TDB_LLM_API_KEY or OPENAI_API_KEY)",
+    )
+    explain.add_argument("--llm-model", metavar="NAME", help="--explainer llm: the model to ask")
+    explain.add_argument(
+        "--llm-concurrency", default="4", metavar="N", help="--explainer llm: requests at once (4)"
+    )
+    explain.add_argument(
+        "--llm-timeout", default="120", metavar="SECONDS", help="--explainer llm: per request"
+    )
+    explain.add_argument(
+        "--llm-control",
+        action="store_true",
+        help="--explainer llm: also a control score (one more request per component)",
+    )
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -490,13 +510,35 @@ def run_scan(args: argparse.Namespace) -> None:
 
 def run_explain(args: argparse.Namespace) -> None:
     from tdb.explain import explain
+    from tdb.explain.llm import component_name
+    from tdb.explain.llm_client import LlmConfig
 
     kinds = None if args.components is None else [k.strip() for k in args.components.split(",")]
-    result = explain(Path(args.scan), kinds, args.explainer)
+    llm = None
+    if args.explainer == "llm" and (args.llm_url is None or args.llm_model is None):
+        raise TdbError("--explainer llm: needs --llm-url URL and --llm-model NAME")
+    if args.explainer == "llm":
+        llm = LlmConfig(
+            args.llm_url,
+            args.llm_model,
+            concurrency=parse_int(args.llm_concurrency, "--llm-concurrency", minimum=1),
+            timeout_s=parse_float(args.llm_timeout, "--llm-timeout"),
+            control=args.llm_control,
+        )
+    elif args.llm_url is not None or args.llm_model is not None or args.llm_control:
+        raise TdbError("--llm-url, --llm-model, --llm-control: only with --explainer llm")
+    result = explain(Path(args.scan), kinds, args.explainer, llm=llm)
     print(
         f"{result.path}: {result.explained:,} components explained, "
         f"{result.controlled:,} control scores, {result.total:,} rows"
     )
+    if result.failed:
+        (key, why), n = result.failed[0], len(result.failed)
+        first = f"{component_name(key)}: {why}{', ...' * (n > 1)}"
+        raise TdbError(
+            f"{n:,} component{'s' * (n != 1)} not explained ({first}); "
+            "the others are saved: run again to retry them"
+        )
 
 
 def run_task(args: argparse.Namespace) -> None:

@@ -38,6 +38,7 @@ RUN = {
     r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
     r"^tdb (scan|explain) --(out|scan) DIR": "test_explain.py::test_docs_table_is_current",
     r"^python -m tdb\.explain\.report": "test_explain.py::test_docs_table_is_current",
+    r"^tdb explain .*--explainer llm": "test_explain_llm.py::test_docs_llm_commands_run",
 }
 # Commands not run by a test, and why.
 EXEMPT = {

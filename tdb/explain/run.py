@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,17 @@ import numpy as np
 
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.errors import TdbError
-from tdb.explain import attention, simulate
+from tdb.explain import attention, llm_prompts, simulate
 from tdb.explain.evidence import token_evidence
+from tdb.explain.llm import (
+    LlmExplainer,
+    LlmRun,
+    check_config,
+    control_with_llm,
+    explain_with_llm,
+    explainer_name,
+)
+from tdb.explain.llm_client import LlmConfig
 from tdb.explain.output import EXPLANATIONS, Row, read_rows, write_rows
 from tdb.explain.scan_data import (
     ComponentExamples,
@@ -48,8 +57,9 @@ Progress = Callable[[int, int], None]  # (components done, components to do)
 class ExplainResult:
     path: Path
     explained: int  # components explained by this run
-    controlled: int  # control scores computed by this run
+    controlled: int  # control scores computed (or cleared) by this run
     total: int  # rows in the file
+    failed: list[tuple[ComponentKey, str]] = field(default_factory=list)  # LLM: key, why
 
 
 def kind_of(key: ComponentKey) -> tuple[str, str | None]:
@@ -167,43 +177,70 @@ def explain(
     kinds: list[str] | None = None,
     explainer: str = EXPLAINER,
     progress: Progress | None = None,
+    llm: LlmConfig | None = None,
 ) -> ExplainResult:
     """Explain and score every component of the finished scan in `folder` (of these kinds:
-    heads, neurons, latents; default all) that lacks a current explanation.
+    heads, neurons, latents; default all) that lacks a current explanation: with the built-in
+    explainer, or with `explainer="llm"` and the endpoint of `llm`.
 
     >>> explain(Path("scan_dir"), ["neurons"]).explained
     1536
+    >>> explain(Path("scan_dir"), ["heads"], "llm", llm=LlmConfig(url, "my-model")).failed
+    []
     """
-    if explainer != EXPLAINER:
-        raise TdbError(f"--explainer: {explainer!r} is not available (choose builtin)")
+    if explainer not in (EXPLAINER, "llm"):
+        raise TdbError(f"--explainer: {explainer!r} is not available (choose builtin or llm)")
+    if explainer == "llm":
+        if llm is None:
+            raise TdbError("--explainer llm: needs --llm-url URL and --llm-model NAME")
+        check_config(llm)
     for kind in kinds or []:
         if kind not in KINDS:
             raise TdbError(f"--components: {kind!r} is not one of {', '.join(KINDS)}")
     node_types = {KINDS[k] for k in kinds or KINDS}
     check_scan(folder)
-    try:
-        with out_folder.locked(folder):
-            return _explain(folder, node_types, progress)
-    except TdbError as e:
-        if "in use by another scan" in str(e):
-            raise TdbError(f"--scan {folder} is in use by a scan or another explain run") from None
-        raise
+    with out_folder.locked(folder, command="tdb explain", flag="--scan"):
+        return _explain(folder, node_types, progress, llm if explainer == "llm" else None)
 
 
-def _explain(folder: Path, node_types: set[str], progress: Progress | None) -> ExplainResult:
+def _explain(
+    folder: Path, node_types: set[str], progress: Progress | None, llm: LlmConfig | None
+) -> ExplainResult:
     data = read_scan(folder, node_types)
     code_of = {text: code for code, text in enumerate(data.vocab)}
     by_key = {c.key: c for c in data.components}
     rows = read_rows(folder)
     # Rows of components the scan no longer has (of the kinds asked for) go.
     rows = {k: r for k, r in rows.items() if k in by_key or k[0] not in node_types}
+    name, version = (
+        (EXPLAINER, VERSION) if llm is None else (explainer_name(llm), llm_prompts.VERSION)
+    )
     todo = [
         c
         for c in data.components
         if c.key not in rows
-        or rows[c.key]["version"] != VERSION
+        or rows[c.key]["explainer"] != name
+        or rows[c.key]["version"] != version
         or rows[c.key]["examples_fingerprint"] != c.fingerprint
     ]
+    stale = {c.key for c in todo}
+    if llm is not None:
+        explainer = LlmExplainer(folder, llm, data.vocab)
+        run = explain_with_llm(explainer, todo, rows, progress)
+        controls = LlmRun()
+        if llm.control:
+            partners = control_partners(list(by_key))
+            controls = control_with_llm(explainer, by_key, partners, rows, stale)
+        builtin = _control_scores(by_key, rows, stale, code_of)  # built-in rows left over
+        if builtin:
+            write_rows(folder, rows)
+        return ExplainResult(
+            folder / EXPLANATIONS,
+            run.explained,
+            controls.explained + builtin,
+            len(rows),
+            run.failures + controls.failures,
+        )
     explained = 0
     if todo:
         heads = {d for c in todo if c.key[0] == "attention_head" for d in c.explain_top.doc_start}
@@ -218,17 +255,34 @@ def _explain(folder: Path, node_types: set[str], progress: Progress | None) -> E
             write_rows(folder, rows)  # a whole layer at a time: resumable
             if progress is not None:
                 progress(explained, len(todo))
-    # Control scores: for the new rows, and for rows whose partner changed.
-    partners = control_partners(list(by_key))
-    stale = {c.key for c in todo}
-    controlled = 0
-    for key in by_key:
-        if rows[key]["control_score"] is not None and key not in stale:
-            continue
-        partner = json.loads(str(rows[partners[key]]["evidence"]))
-        held = by_key[key].held_out.flat()
-        rows[key]["control_score"] = simulate.score(partner, held, code_of)
-        controlled += 1
+    controlled = _control_scores(by_key, rows, stale, code_of)
     if controlled:
         write_rows(folder, rows)
     return ExplainResult(folder / EXPLANATIONS, explained, controlled, len(rows))
+
+
+def _control_scores(
+    by_key: dict[ComponentKey, ComponentExamples],
+    rows: dict[ComponentKey, Row],
+    stale: set[ComponentKey],
+    code_of: dict[str, int],
+) -> int:
+    """Fill in the built-in rows' control scores that are new or whose partner changed; a row
+    whose partner has no built-in evidence (an LLM row, or none) has none. How many changed."""
+    partners = control_partners(list(by_key))
+    controlled = 0
+    for key in by_key:
+        row, partner = rows.get(key), rows.get(partners[key])
+        if row is None or row["explainer"] != EXPLAINER:
+            continue
+        if partner is None or partner["explainer"] != EXPLAINER:
+            if row["control_score"] is not None:
+                row["control_score"] = None
+                controlled += 1
+            continue
+        if row["control_score"] is not None and not {key, partners[key]} & stale:
+            continue
+        evidence = json.loads(str(partner["evidence"]))
+        row["control_score"] = simulate.score(evidence, by_key[key].held_out.flat(), code_of)
+        controlled += 1
+    return controlled

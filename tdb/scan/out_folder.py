@@ -19,9 +19,10 @@ into place, so a killed scan leaves either a whole checkpoint or none (a stray `
 on restart). A restarted scan skips every shard in the state or in a shard file; a finished scan
 (`complete` in scan.json) is left untouched.
 
-One scan at a time: `locked(out)` holds an advisory lock (`flock`) on DIR/scan.lock, which
-names its holder (pid, start time) for the scan that is refused. The kernel drops the lock when
-its process dies, so a killed scan's lock file blocks nothing; a scan that ends deletes it.
+One writer at a time: `locked(out)` holds an advisory lock (`flock`) on DIR/scan.lock, which
+names its holder (pid, start time, command: `tdb scan` or `tdb explain`) for the run that is
+refused. The kernel drops the lock when its process dies, so a killed scan's lock file blocks
+nothing; a scan that ends deletes it.
 
 A checkpoint that does not load (a torn or overwritten zip, a CRC error, missing arrays, wrong
 shapes or types) is a `TdbError` saying which file to delete: the shards it held are scanned
@@ -72,51 +73,61 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def _make_folder(out: Path) -> bool:
+def _make_folder(out: Path, flag: str = "--out") -> bool:
     """Create `out` if needed; whether it was created."""
     try:
         out.mkdir(parents=True)
         return True
     except FileExistsError:
         if not out.is_dir():
-            raise TdbError(f"--out {out} is a file, not a folder") from None
+            raise TdbError(f"{flag} {out} is a file, not a folder") from None
         return False
     except OSError as e:
-        raise TdbError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+        raise TdbError(f"{flag} {out}: cannot create the folder ({e.strerror or e})") from None
 
 
 def _lock_holder(fd: int) -> str:
+    """Who holds the lock, from its file: "`tdb explain` (pid 7, started ...)". A lock file
+    without a command is a scan's (written before lock files named their command)."""
     holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    return holder or "it is starting"
+    if not holder:
+        return "process (it is starting)"
+    details, tick, command = holder.partition(", `")
+    if not tick:
+        return f"scan ({holder})"
+    return f"`{command.rstrip('`')}` ({details})"
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold the scan lock of folder `out` (created if needed) while the block runs; a TdbError
-    naming the holder if another scan holds it.
+def locked(out: Path, command: str = "tdb scan", flag: str = "--out") -> Iterator[None]:
+    """Hold the scan lock of folder `out` (created if needed) while the block runs, as
+    `command`; a TdbError naming the holder if another process holds it (`flag` names the
+    folder's option in messages).
 
     >>> with locked(Path("out")):
     ...     ...  # the only scan writing to out/
     """
-    created = _make_folder(out)
+    created = _make_folder(out, flag)
     path = out / LOCK
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise TdbError(f"--out {out}: cannot write its lock file ({e.strerror or e})") from None
+            raise TdbError(
+                f"{flag} {out}: cannot write its lock file ({e.strerror or e})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(fd)
             os.close(fd)
             raise TdbError(
-                f"--out {out} is in use by another scan ({holder}): wait for it to finish, "
+                f"{flag} {out} is in use by another {holder}: wait for it to finish, "
                 "or choose another folder"
             ) from None
         except OSError as e:  # a file system without flock
             os.close(fd)
-            raise TdbError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
+            raise TdbError(f"{flag} {out}: cannot lock {path} ({e.strerror or e})") from None
         # The holder deletes the file before it lets go: if that happened between our open and
         # our flock, we hold the lock of a deleted file, and must lock the new one.
         try:
@@ -130,7 +141,7 @@ def locked(out: Path) -> Iterator[None]:
     try:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {started}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started}, `{command}`\n".encode(), 0)
         yield
     finally:
         path.unlink(missing_ok=True)
