@@ -36,6 +36,8 @@ SECOND = "When Tom and Anna went to the park, Anna gave a ball to"
 def open_page(page: Page, base_url: str, **params: object) -> None:
     query = urlencode({**IOI, **params}, doseq=True)
     page.goto(f"{base_url}/?{query}")
+    # Before the page's script runs, the status is already empty: wait for an answer first.
+    page.wait_for_selector("#results:not([hidden]), #error:not([hidden])")
     wait_for_results(page)
 
 

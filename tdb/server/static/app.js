@@ -557,6 +557,7 @@ async function start() {
   $("type-filter").addEventListener("change", () => display({ type: $("type-filter").value }));
   $("show-trivial").addEventListener("change", () => display({ trivial: $("show-trivial").checked }));
   $("full-columns").addEventListener("change", () => display({ full: $("full-columns").checked }));
+  fillForm(); // at once: the form shows the URL's state while the model info loads
   try {
     const info = await getJson("/api/model");
     showModelInfo(info);
