@@ -211,12 +211,15 @@ class RankedToken(BaseModel):
     id: int
     text: str
     value: float | None
-    prob: float | None = Field(
-        default=None, description="next-token candidates: the probability (softmax of logits)"
-    )
 
 
-class PinnedToken(RankedToken):
+class CandidateToken(RankedToken):
+    """A next-token candidate: its logit (`value`) and probability."""
+
+    prob: float | None = Field(default=None, description="the softmax of the logits")
+
+
+class PinnedToken(CandidateToken):
     rank: int = Field(description="0 = the highest logit")
     role: Literal["target", "distractor"] | None = Field(
         default=None, description="which token of the direction it is"
@@ -224,8 +227,8 @@ class PinnedToken(RankedToken):
 
 
 class LogitView(BaseModel):
-    top: list[RankedToken]
-    bottom: list[RankedToken]
+    top: list[CandidateToken]
+    bottom: list[CandidateToken]
     pinned: list[PinnedToken]
     loss: float | None = Field(
         default=None, description="−log p(target) (mean over several targets; null: none)"
