@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import torch
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 from test_server_browser import base_url, browser, page, wait_for_results
 
 from tdb.checkpoint import LoadedModel
@@ -270,7 +270,13 @@ def test_latents_in_the_heatmap_with_a_trace_action_and_a_hint(page: Page, base_
     assert cells and any(abs(float(c)) > 1e-3 for c in cells), cells
     expect(page.locator('#heatmap tr[data-row="mlp"]')).to_have_count(0)
     latent = page.locator("#node-table tbody tr[data-type='autoencoder_latent']").first
-    expect(latent.locator('button[data-action="trace"]')).to_have_count(1)
+    latent_id = latent.get_attribute("data-node")
+    latent.locator('button[data-action="trace"]').click()
+    wait_for_results(page)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#direction-label")).to_contain_text(str(latent_id))
+    page.locator('[data-testid="trace"] button').click()
+    wait_for_results(page)
     page.locator('#node-types input[value="autoencoder_latent"]').uncheck()
     wait_for_results(page)
     expect(page.locator("#latent-hint")).to_be_visible()
@@ -280,3 +286,28 @@ def test_latents_in_the_heatmap_with_a_trace_action_and_a_hint(page: Page, base_
     expect(
         page.locator("#node-table tbody tr[data-type='autoencoder_latent']").first
     ).to_be_visible()
+
+
+def test_explanations_show_when_rows_carry_them(page: Page, base_url: str) -> None:
+    # Rows get `explanation` / `explanation_score` from a server with a scan's explanations:
+    # added here to the live answers, as such a server would send them.
+    sentence = "fires on the second mention of a name, right before the indirect object"
+
+    def with_explanations(route: Route) -> None:
+        response = route.fetch()
+        body = response.json()
+        first = body["responses"][0]
+        if first["status"] == 200 and "nodes" in (first["body"] or {}):
+            for node in first["body"]["nodes"]:
+                if node["node_type"] == "attention_head":
+                    node |= {"explanation": sentence, "explanation_score": 0.42}
+        route.fulfill(response=response, json=body)
+
+    page.route("**/api/batch", with_explanations)
+    open_page(page, base_url)
+    expect(page.locator("#node-table thead")).to_contain_text("explanation")
+    cell = page.locator("#node-table tbody tr[data-type='attention_head'] td.explanation").first
+    expect(cell).to_contain_text("(0.420)")
+    assert "…" in cell.inner_text() and sentence in (cell.get_attribute("title") or "")
+    neuron = page.locator("#node-table tbody tr[data-type='mlp_neuron'] td.explanation").first
+    expect(neuron).to_have_text("")

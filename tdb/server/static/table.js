@@ -181,7 +181,7 @@ export function renderTable(target, table, view, on) {
 }
 
 function explanationCell(node) {
-  if (node.explanation === undefined || node.explanation === null) return el("td", {}, "");
+  if (node.explanation === undefined || node.explanation === null) return el("td", { class: "explanation" }, "");
   const score = node.explanation_score === undefined || node.explanation_score === null ? ""
     : ` (${fmt(node.explanation_score)})`;
   return el("td", { class: "explanation", title: node.explanation + score },
