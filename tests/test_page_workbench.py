@@ -311,3 +311,10 @@ def test_explanations_show_when_rows_carry_them(page: Page, base_url: str) -> No
     assert "…" in cell.inner_text() and sentence in (cell.get_attribute("title") or "")
     neuron = page.locator("#node-table tbody tr[data-type='mlp_neuron'] td.explanation").first
     expect(neuron).to_have_text("")
+
+
+def test_a_schema_error_names_the_field_not_its_path(page: Page, base_url: str) -> None:
+    open_page(page, base_url, target="x" * 201)
+    error = page.locator("#error").inner_text()
+    assert error.startswith("target"), error
+    assert "requests." not in error

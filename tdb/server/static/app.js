@@ -211,6 +211,8 @@ const FIELD_NAMES = [
   [/--attn-nodes/g, "“attention as”"],
   [/--node-types/g, "Node types"],
   [/(^|[\s(])-k\b/g, "$1k"],
+  // A schema error inside the batch: `requests.0.nodes.request.prompt: ...` -> `prompt: ...`
+  [/requests\.\d+\.\w+\.request\./g, ""],
 ];
 
 function pageMessage(message) {
