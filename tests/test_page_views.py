@@ -94,16 +94,13 @@ def test_second_prompt_gets_its_own_target_and_distractor(demo: LoadedModel) -> 
     doc = table.direction_json()
     assert doc["right_target_texts"] == [" Tom"] and doc["right_distractor_texts"] == [" Anna"]
     # The right columns explain the right prompt's own direction.
-    i = 0
     right_nodes = {n: j for j, n in enumerate(alone.nodes)}
-    for node in table.nodes:
-        if node in right_nodes:
-            j = right_nodes[node]
-            assert table.columns["direct_effect_right"][table.nodes.index(node)] == pytest.approx(
-                alone.values[Group.DIRECT_EFFECT][j], abs=1e-4
-            )
-            i += 1
-    assert i > 0
+    shared_rows = [(i, right_nodes[n]) for i, n in enumerate(table.nodes) if n in right_nodes]
+    assert shared_rows
+    for i, j in shared_rows:
+        assert table.columns["direct_effect_right"][i] == pytest.approx(
+            alone.values[Group.DIRECT_EFFECT][j], abs=1e-4
+        )
     # Shared answers (the old behaviour) when none is given.
     shared = node_table(demo, PROMPT, " Mary", " John", k=2, compare_prompt=SECOND)
     assert "right_target_texts" not in shared.direction_json()
