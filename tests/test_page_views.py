@@ -5,6 +5,7 @@ latent node of a table, a separate request on the second prompt)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
@@ -13,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from tdb.checkpoint import LoadedModel
+from tdb.cli import main
 from tdb.errors import TdbError
 from tdb.metrics import Group
 from tdb.nodes import NodeType
@@ -136,3 +138,15 @@ def check_compare_target(client: TestClient) -> None:
     assert direction["right_value"] == pytest.approx(alone["direction"]["value"], abs=1e-4)
     assert alone["logits"]["loss"] > 0
     assert [p["role"] for p in alone["logits"]["pinned"]] == ["target", "distractor"]
+
+
+def test_cli_takes_compare_target(demo: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["nodes", PROMPT, "--target", " Mary", "--distractor", " John", "-k", "2", "--json"]
+    own = ["--compare-prompt", SECOND, "--compare-target", " Tom", "--compare-distractor", " Anna"]
+    assert main([*args, *own]) == 0
+    direction = json.loads(capsys.readouterr().out)["direction"]
+    alone = node_table(demo, SECOND, " Tom", " Anna", k=1)
+    assert direction["right_value"] == pytest.approx(alone.direction_value, abs=1e-4)
+    assert direction["right_target_texts"] == [" Tom"]
+    assert main([*args, "--compare-target", " Tom"]) == 2  # without --compare-prompt
+    assert "need --compare-prompt" in capsys.readouterr().err
