@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resample-prompt", help="the source of :resample ablations (same token count)"
     )
     nodes.add_argument(
+        "--compare-target", help="the compared prompt's own target (default: --target)"
+    )
+    nodes.add_argument(
+        "--compare-distractor", help="the compared prompt's own distractor (default: --distractor)"
+    )
+    nodes.add_argument(
         "--second-prompt",
         help="older name: --resample-prompt with :resample ablations, else --compare-prompt",
     )
@@ -388,6 +394,8 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         sort=None if sort is None else sort[0],
         compare_prompt=compare,
         resample_prompt=resample,
+        compare_target=args.compare_target,
+        compare_distractor=args.compare_distractor,
     ).checked()
 
 

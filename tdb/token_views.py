@@ -14,45 +14,71 @@ from tdb.hooks import HookPoint
 from tdb.latents import check_saes, write_directions
 from tdb.metrics import Group, Metric
 from tdb.models.base import TransformerModel
-from tdb.nodes import NodeIndex, NodeType, target_location
+from tdb.nodes import SITE, SITES, TOKEN, NodeIndex, NodeType, target_location
 from tdb.sae import AttachedSae
-from tdb.store import GridBlock, ScalarStore
+from tdb.store import GridBlock, ListBlock, ScalarStore
 from tdb.tokens import Tokenizer
 
 
 def ranked_tokens(
-    scores: Float[Tensor, " d_vocab"], tokenizer: Tokenizer, n: int, largest: bool
+    scores: Float[Tensor, " d_vocab"],
+    tokenizer: Tokenizer,
+    n: int,
+    largest: bool,
+    log_probs: Float[Tensor, " d_vocab"] | None = None,
 ) -> list[dict[str, object]]:
+    """The n highest (lowest) scoring tokens; with `log_probs`, each with its probability."""
     top = torch.topk(scores, min(n, len(scores)), largest=largest)
-    return [
-        {"id": int(i), "text": tokenizer.token_text(int(i)), "value": float(v)}
-        for v, i in zip(top.values, top.indices, strict=True)
-    ]
+    out: list[dict[str, object]] = []
+    for v, i in zip(top.values, top.indices, strict=True):
+        token: dict[str, object] = {
+            "id": int(i),
+            "text": tokenizer.token_text(int(i)),
+            "value": float(v),
+        }
+        if log_probs is not None:
+            token["prob"] = float(log_probs[i].exp())
+        out.append(token)
+    return out
 
 
 def logit_view(
-    logits: Float[Tensor, " d_vocab"], tokenizer: Tokenizer, pinned: Sequence[int], n: int = 100
+    logits: Float[Tensor, " d_vocab"],
+    tokenizer: Tokenizer,
+    pinned: Sequence[int],
+    n: int = 100,
+    roles: Sequence[str] = (),
 ) -> dict[str, object]:
-    """The top and bottom n next-token logits, and the pinned tokens (target, distractor) with
-    their rank (0 = highest logit).
+    """The top and bottom n next-token logits with their probabilities, and the pinned tokens
+    (target, distractor) with their rank (0 = highest logit) and `roles[i]` ("target",
+    "distractor"); `loss` is −log p of the target (the mean over several targets; null
+    without one).
 
-    >>> logit_view(capture.logits, tokenizer, pinned=[mary, john])
+    >>> logit_view(capture.logits, tokenizer, pinned=[mary, john], roles=["target", "distractor"])
     """
     order = torch.argsort(logits, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
+    # float64: a probability of 1e-9 must not round to 0 (the page shows its logarithm's scale).
+    log_probs = torch.log_softmax(logits.double(), dim=-1)  # [d_vocab]
+
+    targets = [t for t, role in zip(pinned, roles, strict=False) if role == "target"]
+    loss = -float(log_probs[targets].mean()) if targets else None
     return {
-        "top": ranked_tokens(logits, tokenizer, n, largest=True),
-        "bottom": ranked_tokens(logits, tokenizer, n, largest=False),
+        "top": ranked_tokens(logits, tokenizer, n, largest=True, log_probs=log_probs),
+        "bottom": ranked_tokens(logits, tokenizer, n, largest=False, log_probs=log_probs),
         "pinned": [
             {
                 "id": t,
                 "text": tokenizer.token_text(t),
                 "value": float(logits[t]),
                 "rank": int(rank[t]),
+                "prob": float(log_probs[t].exp()),
+                "role": roles[i] if i < len(roles) else None,
             }
-            for t in pinned
+            for i, t in enumerate(pinned)
         ],
+        "loss": loss,
     }
 
 
@@ -163,7 +189,11 @@ def node_view(
 
 def effect_by_token(store: ScalarStore, n_pos: int) -> dict[str, list[float]]:
     """Per prompt token, sums of estimated total effect (act × grad): embeddings, MLP neurons,
-    attention by query token (attended from) and by key token (attended to). Needs a dense store.
+    attention by query token (attended from) and by key token (attended to) and, when the store
+    holds SAE latents, each autoencoder site's latents by token (`latents_attn_out`,
+    `latents_mlp_post`, `latents_mlp_out`). Needs a dense store.
+
+    >>> effect_by_token(capture.store, len(tokens))["latents_mlp_out"]  # [pos]
     """
     out: dict[str, list[float]] = {}
     for node_type, name in [(NodeType.EMBEDDING, "embedding"), (NodeType.MLP_NEURON, "mlp")]:
@@ -178,11 +208,30 @@ def effect_by_token(store: ScalarStore, n_pos: int) -> dict[str, list[float]]:
     heads = store.blocks.get(NodeType.ATTENTION_HEAD)
     if heads is None:
         out["attention_from"] = out["attention_to"] = [0.0] * n_pos
-        return out
-    assert isinstance(heads, GridBlock)
-    values = heads.values[Group.ACT_TIMES_GRAD].nan_to_num().reshape(heads.shape)
-    out["attention_from"] = values.sum(dim=(0, 1, 3)).tolist()  # [layer head query key]
-    out["attention_to"] = values.sum(dim=(0, 1, 2)).tolist()
+    else:
+        assert isinstance(heads, GridBlock)
+        values = heads.values[Group.ACT_TIMES_GRAD].nan_to_num().reshape(heads.shape)
+        out["attention_from"] = values.sum(dim=(0, 1, 3)).tolist()  # [layer head query key]
+        out["attention_to"] = values.sum(dim=(0, 1, 2)).tolist()
+    latents = store.blocks.get(NodeType.AUTOENCODER_LATENT)
+    if isinstance(latents, ListBlock):
+        out |= latent_effect_by_token(latents, n_pos)
+    return out
+
+
+def latent_effect_by_token(latents: ListBlock, n_pos: int) -> dict[str, list[float]]:
+    """Per autoencoder site present, the latents' act × grad summed by token (a list block:
+    coordinates per row, tokens past the direction's position absent, so they read 0)."""
+    values = latents.values[Group.ACT_TIMES_GRAD].nan_to_num()  # [n]
+    sites = latents.node_coords[:, SITE]  # [n]
+    tokens = latents.node_coords[:, TOKEN]  # [n]
+    out = {}
+    for code, site in enumerate(SITES):
+        here = sites == code
+        if bool(here.any()):
+            sums = torch.zeros(n_pos, dtype=values.dtype)
+            sums.index_add_(0, tokens[here], values[here])
+            out[f"latents_{site.value}"] = sums.tolist()
     return out
 
 

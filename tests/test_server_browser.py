@@ -86,7 +86,7 @@ def test_ioi_ablate_trace_and_reload(page: Page, base_url: str) -> None:
     assert page.locator("#node-table tbody tr").count() > 10
     before = direction_value(page)
     assert before > 0  # the demo model prefers " Mary"
-    candidates = page.locator("#candidates tr.pinned td:first-child").all_inner_texts()
+    candidates = page.locator("#candidates tr.pinned td.token").all_inner_texts()
     assert candidates == ['" Mary"', '" John"']
 
     # Sort by estimated total effect, then ablate the top row: the direction's value changes.
@@ -100,6 +100,8 @@ def test_ioi_ablate_trace_and_reload(page: Page, base_url: str) -> None:
     expect(page.locator("#direction-extra")).to_contain_text("before ablation")
     after = direction_value(page)
     assert abs(after - before) > 0.1, (before, after)
+    assert "act_times_grad_diff" in page.locator("#node-table thead").inner_html()
+    page.check("#full-columns")  # compact by default: value and change; all columns on demand
     assert "act_times_grad_baseline" in page.locator("#node-table thead").inner_html()
 
     # Trace the first head through its query.
@@ -110,7 +112,7 @@ def test_ioi_ablate_trace_and_reload(page: Page, base_url: str) -> None:
     wait_for_results(page)
     expect(page.locator("#direction-label")).to_contain_text(f"attention_logit of {head_id}")
     traced_value = page.locator("#direction-value").inner_text()
-    pinned = page.locator("#candidates tr.pinned td:first-child").all_inner_texts()
+    pinned = page.locator("#candidates tr.pinned td.token").all_inner_texts()
     assert pinned == ['" Mary"', '" John"']  # still pinned while the direction is a trace
     rows = page.locator("#node-table tbody tr").evaluate_all(
         "rows => rows.map(r => r.dataset.node)"
@@ -149,10 +151,12 @@ def test_two_prompts_heatmap_views_and_node_types(page: Page, base_url: str) -> 
 
     page.fill("#second", "When Tom and Anna went to the park, Anna gave a ball to")
     page.click("#submit")
-    expect(page.locator("#direction-extra")).to_contain_text("right prompt")
+    expect(page.locator("#direction-extra")).to_contain_text("second prompt")
     wait_for_results(page)
     header = page.locator("#node-table thead").inner_text()
-    assert "(left)" in header and "(right)" in header and "(diff)" in header
+    assert "(left)" in header and "(diff)" in header
+    page.check("#full-columns")
+    assert "(right)" in page.locator("#node-table thead").inner_text()
 
     # Node types: only heads remain; the server answers from its cache.
     page.locator('#node-types input[value="embedding"]').uncheck()

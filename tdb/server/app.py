@@ -191,6 +191,8 @@ FLAG_FIELDS = {
     "--second-prompt": "second_prompt",
     "--compare-prompt": "compare_prompt",
     "--resample-prompt": "resample_prompt",
+    "--compare-target": "compare_target",
+    "--compare-distractor": "compare_distractor",
     "--mean-prompt": "mean_prompts",
     "--view-node": "view_nodes",
     "-k": "k",

@@ -81,6 +81,14 @@ class PromptRequest(Strict):
     compare_prompt: Prompt | None = Field(
         default=None, description="a second prompt (same token count) shown side by side"
     )
+    compare_target: Tokens | None = Field(
+        default=None,
+        description="the compared prompt's own target (default: `target`); also with "
+        "`second_prompt` used as the comparison",
+    )
+    compare_distractor: Tokens | None = Field(
+        default=None, description="the compared prompt's own distractor (default: `distractor`)"
+    )
     resample_prompt: Prompt | None = Field(
         default=None, description="the source of :resample ablations (same token count)"
     )
@@ -205,14 +213,26 @@ class RankedToken(BaseModel):
     value: float | None
 
 
-class PinnedToken(RankedToken):
-    rank: int
+class CandidateToken(RankedToken):
+    """A next-token candidate: its logit (`value`) and probability."""
+
+    prob: float | None = Field(default=None, description="the softmax of the logits")
+
+
+class PinnedToken(CandidateToken):
+    rank: int = Field(description="0 = the highest logit")
+    role: Literal["target", "distractor"] | None = Field(
+        default=None, description="which token of the direction it is"
+    )
 
 
 class LogitView(BaseModel):
-    top: list[RankedToken]
-    bottom: list[RankedToken]
+    top: list[CandidateToken]
+    bottom: list[CandidateToken]
     pinned: list[PinnedToken]
+    loss: float | None = Field(
+        default=None, description="−log p(target) (mean over several targets; null: none)"
+    )
 
 
 class ExcitingToken(BaseModel):
@@ -232,7 +252,8 @@ class TokenViews(BaseModel):
     logits: LogitView
     effect_by_token: dict[str, list[float | None]] = Field(
         description="per prompt token, sums of act_times_grad: embedding, mlp, "
-        "attention_from (by query token), attention_to (by key token)"
+        "attention_from (by query token), attention_to (by key token) and, with SAE latents, "
+        "latents_attn_out / latents_mlp_post / latents_mlp_out (each site's latents)"
     )
     nodes: list[NodeView]
 

@@ -93,6 +93,8 @@ def node_request(
         attn_nodes=request.attn_nodes,
         compare_prompt=compare,
         resample_prompt=resample,
+        compare_target=request.compare_target,
+        compare_distractor=request.compare_distractor,
         **fields,  # type: ignore[arg-type]
     )
 

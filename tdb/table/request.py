@@ -53,6 +53,9 @@ class NodeRequest:
     - `mean_prompts`: the reference prompts of `:mean` ablations (default: the prompt itself).
     - `compare_prompt`: a second prompt of the same token count, shown side by side (left,
       right, right - left). Not combined with ablations.
+    - `compare_target` / `compare_distractor`: the compared prompt's own target and distractor
+      (default: the first prompt's), so `direction.right_value` means the same on a prompt whose
+      names differ.
 
     What to show:
     - `k`: nodes per metric and node type; `groups`: the metrics (columns).
@@ -77,6 +80,9 @@ class NodeRequest:
     mean_prompts: Sequence[Prompt] = ()
     compare_prompt: Prompt | None = None
     verify: int = 0
+    # The compared prompt's own target / distractor (None: the first prompt's).
+    compare_target: Tokens | None = None
+    compare_distractor: Tokens | None = None
     views: bool = False
     view_nodes: Sequence[str] = ()
     saes: Sequence[AttachedSae | str | Path] = ()
@@ -118,6 +124,14 @@ class NodeRequest:
             raise TdbError("a :resample ablation needs a second prompt (--resample-prompt)")
         if self.resample_prompt is not None and not resamples:
             raise TdbError("--resample-prompt is the source of :resample ablations; none is given")
+        own_answers = self.compare_target is not None or self.compare_distractor is not None
+        if own_answers and self.compare_prompt is None:
+            raise TdbError("--compare-target/--compare-distractor need --compare-prompt")
+        if own_answers and (self.trace is not None or self.vector is not None):
+            raise TdbError(
+                "--compare-target/--compare-distractor name the compared prompt's answers; "
+                "a trace or --vector explains the same direction on both prompts"
+            )
         if self.compare_prompt is not None and ablations:
             raise TdbError(
                 "--compare-prompt shows two prompts side by side and cannot be combined with "

@@ -91,6 +91,9 @@ class NodeTable:
     right_value: float | None = None  # the direction on the comparison prompt
     right_tokens: list[int] | None = None
     right_token_texts: list[str] | None = None
+    # The compared prompt's own target / distractor (`compare_target`): None when it shares them.
+    right_target_texts: list[str] | None = None
+    right_distractor_texts: list[str] | None = None
     verification: Verification | None = None
     token_views: TokenViews | None = None
     # What the table is silently unhelpful about, for a person to read (e.g. a zero direction).
@@ -147,6 +150,9 @@ class NodeTable:
             out["baseline_value"] = self.baseline_value
         if self.right_value is not None:
             out["right_value"] = self.right_value
+        if self.right_target_texts is not None:
+            out["right_target_texts"] = self.right_target_texts
+            out["right_distractor_texts"] = self.right_distractor_texts
         return out
 
     def to_json(self) -> dict[str, Json]:

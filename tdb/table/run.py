@@ -139,7 +139,12 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     distractor_ids = direction_token_ids(direction, "distractor_ids")
     token_tensor = torch.tensor(tokens)
 
-    def run(tokens: Tensor, prune_k: int | None = None, hooks: Hooks = NO_HOOKS) -> Capture:
+    def run(
+        tokens: Tensor,
+        prune_k: int | None = None,
+        hooks: Hooks = NO_HOOKS,
+        direction: Direction = direction,
+    ) -> Capture:
         return only(capture(model, tokens, direction, groups, prune_k, hooks, attached), shown)
 
     main = run(token_tensor, None if request.dense else max(k, request.verify), hooks)
@@ -156,7 +161,27 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         table_fields["baseline_value"] = baseline.direction_value
         warnings += inert_ablations(ablations, baseline.store)
     elif compare is not None:
-        right = run(torch.tensor(compare))
+        right_direction = direction
+        if request.compare_target is not None or request.compare_distractor is not None:
+            # The compared prompt's own answers: logit(its target) - logit(its distractor).
+            right_direction = make_direction(
+                loaded,
+                compare,
+                request.target if request.compare_target is None else request.compare_target,
+                request.distractor
+                if request.compare_distractor is None
+                else request.compare_distractor,
+                request.position,
+                request.logprob,
+            )
+            table_fields |= {
+                f"right_{name}_texts": [
+                    tokenizer.token_text(t)
+                    for t in direction_token_ids(right_direction, f"{name}_ids")
+                ]
+                for name in ("target", "distractor")
+            }
+        right = run(torch.tensor(compare), direction=right_direction)
         nodes = table_nodes([main.store, right.store], groups, k)
         result = values_at(main.store, groups, nodes)
         other = values_at(right.store, groups, nodes)
@@ -176,7 +201,13 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
         )
     if request.wants_views:
         table_fields["token_views"] = token_views(
-            loaded, tokens, main, target_ids + distractor_ids, request.view_nodes, attached
+            loaded,
+            tokens,
+            main,
+            target_ids + distractor_ids,
+            request.view_nodes,
+            attached,
+            roles=["target"] * len(target_ids) + ["distractor"] * len(distractor_ids),
         )
     table = NodeTable(
         tokens=tokens,
@@ -286,6 +317,7 @@ def token_views(
     pinned: list[int],
     node_ids: Sequence[str],
     saes: Sequence[AttachedSae] = (),
+    roles: Sequence[str] = (),
 ) -> TokenViews:
     """Next-token logits with the `pinned` tokens (target, distractor) ranked, per-token
     act x grad sums, and each node's promoted and suppressed tokens."""
@@ -295,7 +327,7 @@ def token_views(
         check_node(parse_node_id(i), model.config, len(tokens), "view", sizes) for i in node_ids
     ]
     return TokenViews(
-        logits=logit_view(main.logits, tokenizer, pinned),
+        logits=logit_view(main.logits, tokenizer, pinned, roles=roles),
         effect_by_token=effect_by_token(main.store, len(tokens)),
         nodes=[node_view(model, tokenizer, tokens, node, saes=saes) for node in nodes],
     )

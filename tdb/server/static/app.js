@@ -2,11 +2,16 @@
 //
 // The whole investigation lives in the URL's query string (see readState / writeState), so a
 // link reproduces it. Every change of state goes: state -> URL -> one POST /api/batch (node table,
-// token views, and how target and distractor split into tokens) -> render. Sorting and colours
-// are computed here; choosing node types is answered from the server's results cache.
+// token views, and how target and distractor split into tokens) -> render. The table's order,
+// filters and colours are computed here (table.js); choosing node types is answered from the
+// server's results cache. Every active intervention is a chip that removes it, shown even when
+// the request failed, so no state of the page is a dead end.
 
-import { $, colour, componentLink, el, fmt, getJson, postJson, showError, showModelInfo }
+import { $, colour, el, fmt, getJson, postJson, showError, showModelInfo }
   from "/static/common.js";
+import {
+  DEFAULT_ORDER, DEFAULT_SORT, ORDERS, TYPE_NAMES, renderTable, tableMode, visibleRows,
+} from "/static/table.js";
 
 const NODE_TYPES = ["embedding", "attention_head", "mlp_neuron", "autoencoder_latent"];
 const MLP_NODES = ["neurons", "latents", "both"];
@@ -16,38 +21,47 @@ const IOI = {
   target: " Mary",
   distractor: " John",
 };
+let maxK = 100; // the server's limit (GET /api/model's max_k), read at start
 
 // ---- state <-> URL -------------------------------------------------------------------------
 
 function emptyState() {
   return {
-    prompt: "", target: "", distractor: "", second: "", k: 10,
+    prompt: "", target: "", distractor: "", logprob: false,
+    second: "", second_target: "", second_distractor: "", k: 10,
     ablate: [], trace: "", downstream: "", view: [],
-    types: [...NODE_TYPES], sort: "", order: "desc", mlp: "neurons", attn: "heads",
+    types: [...NODE_TYPES], sort: "", order: DEFAULT_ORDER, mlp: "neurons", attn: "heads",
+    // display only: the table's filters
+    type: "", search: "", trivial: false, full: false,
   };
 }
+
+const TEXT_KEYS = ["prompt", "target", "distractor", "second", "second_target",
+  "second_distractor", "trace", "downstream", "sort", "type", "search"];
 
 function readState(search) {
   const q = new URLSearchParams(search);
   const state = emptyState();
-  for (const key of ["prompt", "target", "distractor", "second", "trace", "downstream", "sort"]) {
-    state[key] = q.get(key) ?? state[key];
-  }
-  state.k = Number.parseInt(q.get("k") ?? "10", 10) || 10;
+  for (const key of TEXT_KEYS) state[key] = q.get(key) ?? state[key];
+  const k = Number.parseInt(q.get("k") ?? "10", 10);
+  state.k = Number.isFinite(k) ? k : 10;
   state.ablate = q.getAll("ablate");
   state.view = q.getAll("view");
   if (q.has("types")) state.types = q.get("types").split(",").filter((t) => NODE_TYPES.includes(t));
-  state.order = q.get("order") === "asc" ? "asc" : "desc";
+  if (ORDERS.includes(q.get("order"))) state.order = q.get("order");
   if (MLP_NODES.includes(q.get("mlp"))) state.mlp = q.get("mlp");
   if (ATTN_NODES.includes(q.get("attn"))) state.attn = q.get("attn");
+  if (!NODE_TYPES.includes(state.type)) state.type = "";
+  for (const key of ["logprob", "trivial", "full"]) state[key] = q.get(key) === "1";
   return state;
 }
 
 function writeState(state) {
   const q = new URLSearchParams();
-  for (const key of ["prompt", "target", "distractor", "second"]) {
+  for (const key of ["prompt", "target", "distractor", "second", "second_target", "second_distractor"]) {
     if (state[key]) q.set(key, state[key]);
   }
+  if (state.logprob) q.set("logprob", "1");
   q.set("k", String(state.k));
   for (const a of state.ablate) q.append("ablate", a);
   if (state.trace) q.set("trace", state.trace);
@@ -59,7 +73,12 @@ function writeState(state) {
   if (state.sort) {
     q.set("sort", state.sort);
     q.set("order", state.order);
+  } else if (state.order !== DEFAULT_ORDER) {
+    q.set("order", state.order);
   }
+  if (state.type) q.set("type", state.type);
+  if (state.search) q.set("search", state.search);
+  for (const key of ["trivial", "full"]) if (state[key]) q.set(key, "1");
   return "?" + q.toString();
 }
 
@@ -71,45 +90,71 @@ function setState(changes, { fetchResults = true } = {}) {
   const url = writeState(state);
   if (url !== window.location.search) history.pushState(null, "", url);
   if (fetchResults) run();
-  else if (lastTable) renderTable(lastTable);
+  else if (lastTable) drawTable(lastTable);
 }
 
 window.addEventListener("popstate", () => {
   state = readState(window.location.search);
+  clampK();
   fillForm();
   run();
 });
 
+// k within the server's range [1, max_k]: a URL asking for more gets the limit and a note.
+function clampK() {
+  const asked = state.k;
+  state.k = Math.min(Math.max(1, asked), maxK);
+  const note = $("k-note");
+  note.hidden = asked === state.k;
+  note.textContent = note.hidden ? "" : `k = ${asked} is outside this server's range 1–${maxK}: ` +
+    `showing k = ${state.k}.`;
+}
+
 // ---- the form -------------------------------------------------------------------------------
 
 function fillForm() {
-  $("prompt").value = state.prompt;
-  $("target").value = state.target;
-  $("distractor").value = state.distractor;
-  $("second").value = state.second;
+  for (const [id, key] of [["prompt", "prompt"], ["target", "target"], ["distractor", "distractor"],
+    ["second", "second"], ["second-target", "second_target"],
+    ["second-distractor", "second_distractor"], ["search", "search"]]) {
+    $(id).value = state[key];
+  }
+  $("logprob").checked = state.logprob;
+  $("distractor").disabled = state.logprob;
   $("k").value = String(state.k);
   for (const box of $("node-types").querySelectorAll("input")) {
     box.checked = state.types.includes(box.value);
   }
   $("mlp-nodes").value = state.mlp;
   $("attn-nodes").value = state.attn;
+  $("show-trivial").checked = state.trivial;
+  $("full-columns").checked = state.full;
+  renderLatentHint();
+  renderSpaceWarnings();
 }
 
 function submitForm(event) {
   event.preventDefault();
   const prompt = $("prompt").value;
-  const second = $("second").value;
+  const k = Number.parseInt($("k").value, 10);
   const changes = {
-    prompt, second,
+    prompt,
+    second: $("second").value,
+    second_target: $("second-target").value,
+    second_distractor: $("second-distractor").value,
     target: $("target").value,
     distractor: $("distractor").value,
-    k: Number.parseInt($("k").value, 10) || 10,
+    logprob: $("logprob").checked,
+    k: Number.isFinite(k) ? k : 10,
   };
-  // Node ids name token positions: interventions on another prompt would point elsewhere.
-  if (prompt !== state.prompt || second !== state.second) {
+  // Node ids name token positions of the first prompt: on another prompt they would point
+  // elsewhere. A second prompt has the same positions, so it keeps them.
+  if (prompt !== state.prompt) {
     Object.assign(changes, { ablate: [], trace: "", downstream: "", view: [] });
   }
-  setState(changes);
+  state = { ...state, ...changes };
+  clampK();
+  $("k").value = String(state.k);
+  setState({});
 }
 
 // ---- requests -------------------------------------------------------------------------------
@@ -117,13 +162,21 @@ function submitForm(event) {
 function requests() {
   const base = { prompt: state.prompt, ablate: state.ablate };
   if (state.target) base.target = state.target;
-  if (state.distractor) base.distractor = state.distractor;
+  if (state.logprob) base.logprob = true;
+  else if (state.distractor) base.distractor = state.distractor;
   if (state.trace) base.trace = state.trace;
   if (state.downstream) base.downstream = state.downstream;
   if (state.mlp !== "neurons") base.mlp_nodes = state.mlp;
   if (state.attn !== "heads") base.attn_nodes = state.attn;
   const nodes = { ...base, k: state.k, node_types: state.types };
-  if (state.second) nodes.second_prompt = state.second;
+  if (state.second) {
+    nodes.second_prompt = state.second;
+    // Its own answers: a trace explains the same node on both prompts.
+    if (!state.trace) {
+      if (state.second_target) nodes.compare_target = state.second_target;
+      if (state.second_distractor && !state.logprob) nodes.compare_distractor = state.second_distractor;
+    }
+  }
   const items = [
     { route: "nodes", request: nodes },
     { route: "views", request: { ...base, view_nodes: state.view } },
@@ -141,9 +194,36 @@ function requests() {
   return items;
 }
 
+// Error texts are shared with the CLI and name its flags; the page names its own fields.
+const FIELD_NAMES = [
+  [/--second-prompt|--compare-prompt|--resample-prompt/g, "the Second prompt"],
+  [/--compare-target/g, "the second prompt's target"],
+  [/--compare-distractor/g, "the second prompt's distractor"],
+  [/--vector FILE|--vector/g, "a residual-stream vector (not available on this page)"],
+  [/--logprob/g, "“log p(target)”"],
+  [/--target-id|--target/g, "Target"],
+  [/--distractor-id|--distractor/g, "Distractor"],
+  [/--ablate/g, "an ablation"],
+  [/--downstream/g, "the trace's downstream node"],
+  [/--trace/g, "the trace"],
+  [/--view-node/g, "a token view"],
+  [/--mlp-nodes/g, "“MLP as”"],
+  [/--attn-nodes/g, "“attention as”"],
+  [/--node-types/g, "Node types"],
+  [/(^|[\s(])-k\b/g, "$1k"],
+  // A schema error inside the batch: `requests.0.nodes.request.prompt: ...` -> `prompt: ...`
+  [/requests\.\d+\.\w+\.request\./g, ""],
+];
+
+function pageMessage(message) {
+  return FIELD_NAMES.reduce((text, [pattern, name]) => text.replace(pattern, name), message);
+}
+
 let runId = 0;
 
 async function run() {
+  renderInterventions();
+  renderLatentHint();
   if (!state.prompt) return;
   const id = ++runId;
   $("status").textContent = "computing…";
@@ -156,12 +236,16 @@ async function run() {
     const failed = [nodes, views, untraced ?? views].find((r) => r.status !== 200);
     if (failed) throw new Error(failed.error.error);
     showError("");
+    $("results").classList.remove("stale");
     lastTable = nodes.body;
     render(nodes.body, views.body, (untraced ?? views).body.logits);
     $("status").textContent = "";
   } catch (error) {
     if (id !== runId) return;
-    showError(error.message);
+    // What is on screen answers an earlier request: greyed, not shown as current.
+    $("results").classList.add("stale");
+    showError(pageMessage(error.message) +
+      (lastTable ? "\n(The greyed results below answer the previous request.)" : ""));
     $("status").textContent = "";
   } finally {
     if (id === runId) $("submit").disabled = false;
@@ -183,10 +267,37 @@ function renderWarnings(items) {
   }
 }
 
+// Spaces: a GPT-2-style tokenizer puts a word's space at the start of the word's token, so a
+// prompt ending in a space asks for an unusual next token, and " Mary" (with its space), not
+// "Mary", is what follows a word.
+function renderSpaceWarnings() {
+  const box = $("space-warnings");
+  box.replaceChildren();
+  const warn = (testid, text) => box.append(el("p", { class: "warning", dataset: { testid } }, text));
+  for (const [key, label] of [["prompt", "prompt"], ["second", "second prompt"]]) {
+    const text = $(key).value;
+    if (/\s$/.test(text)) {
+      warn(`warning-${key}-space`, `The ${label} ends with a space: the next token usually carries ` +
+        "its own leading space (\" Mary\"), so after a trailing space the model expects something " +
+        "unusual. Remove the trailing space.");
+    }
+  }
+  for (const [id, label, prompt] of [["target", "target", "prompt"],
+    ["distractor", "distractor", "prompt"], ["second-target", "second prompt's target", "second"],
+    ["second-distractor", "second prompt's distractor", "second"]]) {
+    const text = $(id).value;
+    const after = $(prompt).value;
+    if (!text || $(id).disabled || /^\s/.test(text) || /\s$/.test(after)) continue;
+    warn(`warning-${id}-space`, `The ${label} ${quoted(text)} has no leading space: after a word ` +
+      `the next token is usually ${quoted(" " + text)}, with its space.`);
+  }
+}
+
 // While typing: how target and distractor split, before anything is submitted.
 let splitTimer = null;
 
 function checkSplits() {
+  renderSpaceWarnings();
   clearTimeout(splitTimer);
   splitTimer = setTimeout(async () => {
     const items = [["target", $("target").value], ["distractor", $("distractor").value]];
@@ -199,6 +310,18 @@ function checkSplits() {
       // The submitted request will report what is wrong.
     }
   }, 300);
+}
+
+function renderLatentHint() {
+  const latents = state.mlp !== "neurons" || state.attn !== "heads";
+  const hint = $("latent-hint");
+  hint.hidden = !latents || state.types.includes("autoencoder_latent");
+  hint.replaceChildren(...(hint.hidden ? [] : [
+    "SAE latents are chosen (“MLP as” / “attention as”) but the node type “SAE latents” is " +
+    "unticked, so the table cannot show them. ",
+    el("button", { type: "button", onclick: () =>
+      setState({ types: [...state.types, "autoencoder_latent"] }) }, "show SAE latents"),
+  ]));
 }
 
 // ---- rendering ------------------------------------------------------------------------------
@@ -234,15 +357,26 @@ function render(table, views, candidates) {
       `change ${fmt(direction.value - direction.baseline_value)}`);
   }
   if (direction.right_value !== undefined) {
-    extra.push(`right prompt ${fmt(direction.right_value)}, ` +
+    const own = direction.right_target_texts
+      ? ` with logit(${direction.right_target_texts.map(quoted).join(", ")}) − ` +
+        `logit(${direction.right_distractor_texts.map(quoted).join(", ")})` : "";
+    extra.push(`second prompt ${fmt(direction.right_value)}${own}, ` +
       `difference ${fmt(direction.right_value - direction.value)}`);
   }
   $("direction-extra").textContent = extra.length ? `(${extra.join("; ")})` : "";
-  renderInterventions();
+  renderRightTokens(table.right_tokens);
   renderCandidates(candidates);
   renderHeatmap(views);
   renderViews(views.nodes);
-  renderTable(table);
+  drawTable(table);
+}
+
+function renderRightTokens(tokens) {
+  const box = $("right-tokens");
+  box.hidden = !tokens;
+  if (!tokens) return;
+  box.replaceChildren(el("span", { class: "muted" }, "Second prompt's tokens: "),
+    ...tokens.map((t, i) => el("span", { class: "token", title: `token ${i} (id ${t.id})` }, t.text)));
 }
 
 function chip(text, testid, onRemove) {
@@ -251,9 +385,10 @@ function chip(text, testid, onRemove) {
 }
 
 function renderInterventions() {
+  const none = () => [el("span", { class: "muted" }, "none")];
   const ablations = state.ablate.map((a) => chip(a, "ablation", () =>
     setState({ ablate: state.ablate.filter((x) => x !== a) })));
-  $("ablations").replaceChildren(...(ablations.length ? ablations : [el("span", { class: "muted" }, "none")]));
+  $("ablations").replaceChildren(...(ablations.length ? ablations : none()));
   const trace = [];
   if (state.trace) {
     trace.push(chip(state.trace, "trace", () => setState({ trace: "", downstream: "" })));
@@ -262,34 +397,62 @@ function renderInterventions() {
     trace.push(el("span", { class: "muted" }, " downstream "),
       chip(state.downstream, "downstream", () => setState({ downstream: "" })));
   }
-  $("trace").replaceChildren(...(trace.length ? trace : [el("span", { class: "muted" }, "none")]));
+  $("trace").replaceChildren(...(trace.length ? trace : none()));
+  const views = state.view.map((v) => chip(v, "view-chip", () =>
+    setState({ view: state.view.filter((x) => x !== v) })));
+  $("view-chips").replaceChildren(...(views.length ? views : none()));
+  $("interventions").hidden = !state.prompt;
 }
 
+// TDB's candidates: logit, probability and logit relative to the target; target and distractor
+// pinned at the top and labelled; ranks from 1.
 function renderCandidates(logits) {
-  const pinned = new Map(logits.pinned.map((p, i) => [p.id, i < 1 ? "target" : "pinned"]));
-  const rows = logits.pinned.map((p) => el("tr", { class: "pinned" },
-    el("td", {}, quoted(p.text)), el("td", { class: "num" }, fmt(p.value)),
-    el("td", { class: "muted" }, `rank ${p.rank}`)));
-  for (const t of logits.top.slice(0, 10)) {
-    rows.push(el("tr", { class: pinned.has(t.id) ? "pinned-again" : "" },
-      el("td", {}, quoted(t.text)), el("td", { class: "num" }, fmt(t.value)), el("td", {}, "")));
-  }
+  const targetRow = logits.pinned.find((p) => p.role === "target") ?? logits.pinned[0];
+  const relative = (value) => (targetRow ? fmt(value - targetRow.value) : "–");
+  const pct = (p) => (p === null || p === undefined ? "–" : (100 * p).toFixed(2) + "%");
+  const pinnedIds = new Set(logits.pinned.map((p) => p.id));
+  const row = (cls, label, t, rank) => el("tr", { class: cls, dataset: { token: String(t.id) } },
+    el("td", { class: "num rank" }, String(rank)),
+    el("td", { class: "role" }, label),
+    el("td", { class: "token" }, quoted(t.text)),
+    el("td", { class: "num logit" }, fmt(t.value)),
+    el("td", { class: "num prob" }, pct(t.prob)),
+    el("td", { class: "num relative" }, relative(t.value)));
+  const rows = logits.pinned.map((p) => row("pinned", p.role ?? "pinned", p, p.rank + 1));
+  logits.top.slice(0, 10).forEach((t, i) =>
+    rows.push(row(pinnedIds.has(t.id) ? "pinned-again" : "", "", t, i + 1)));
   $("candidates").replaceChildren(
-    el("thead", {}, el("tr", {}, el("th", {}, "token"), el("th", {}, "logit"), el("th", {}, ""))),
+    el("thead", {}, el("tr", {},
+      el("th", { title: "1 = the highest logit" }, "rank"), el("th", {}, ""), el("th", {}, "token"),
+      el("th", { title: "the next-token logit at the direction's position" }, "logit"),
+      el("th", { title: "softmax of the logits" }, "p"),
+      el("th", { title: "logit − the target's logit" }, "vs target"))),
     el("tbody", {}, ...rows));
+  const loss = logits.loss;
+  $("loss").textContent = loss === null || loss === undefined ? ""
+    : `loss −log p(${quoted(targetRow.text)}) = ${fmt(loss)}`;
 }
+
+const HEATMAP_ROWS = {
+  embedding: "embedding", mlp: "MLP neurons", attention_from: "attn (query)",
+  attention_to: "attn (key)", latents_attn_out: "attn SAE latents",
+  latents_mlp_post: "MLP-post SAE latents", latents_mlp_out: "MLP SAE latents",
+};
 
 function renderHeatmap(views) {
-  const effects = views.effect_by_token;
-  const names = { embedding: "embedding", mlp: "MLP", attention_from: "attn (query)", attention_to: "attn (key)" };
+  // Node types the request left out read 0 everywhere: not shown.
+  const absent = new Set();
+  if (state.mlp === "latents") absent.add("mlp");
+  if (state.attn === "latents") ["attention_from", "attention_to"].forEach((k) => absent.add(k));
+  const effects = Object.entries(views.effect_by_token).filter(([key]) => !absent.has(key));
   let scale = 0;
-  for (const values of Object.values(effects)) {
+  for (const [, values] of effects) {
     for (const v of values) scale = Math.max(scale, Math.abs(v ?? 0));
   }
   const head = el("tr", {}, el("th", {}, ""),
     ...views.tokens.map((t, i) => el("th", { title: `token ${i}` }, t.text)));
-  const rows = Object.entries(effects).map(([key, values]) => el("tr", {},
-    el("th", {}, names[key] ?? key),
+  const rows = effects.map(([key, values]) => el("tr", { dataset: { row: key } },
+    el("th", {}, HEATMAP_ROWS[key] ?? key),
     ...values.map((v, i) => {
       const cell = el("td", { title: `${views.tokens[i].text}@${i}: ${fmt(v)}`, class: "num" }, fmt(v));
       cell.style.background = colour(v, scale);
@@ -314,39 +477,24 @@ function renderViews(nodes) {
           el("li", {}, `${quoted(t.text)}@${t.token} ${fmt(t.value)}`)))) : null))));
 }
 
-function columnLabel(column, compare) {
-  if (compare && !column.endsWith("_right") && !column.endsWith("_diff")) return `${column} (left)`;
-  return column.replace(/_(right|diff|baseline)$/, " ($1)");
-}
-
-function sortedNodes(table) {
-  const nodes = [...table.nodes];
-  if (!state.sort || !table.columns.includes(state.sort)) return nodes;
-  const sign = state.order === "asc" ? 1 : -1;
-  const key = (n) => n.values[state.sort];
-  return nodes.sort((a, b) => {
-    const x = key(a), y = key(b);
-    if (x === null) return y === null ? 0 : 1;
-    if (y === null) return -1;
-    return sign * (x - y);
-  });
-}
-
 function nodeActions(node) {
-  const button = (label, title, action) =>
-    el("button", { type: "button", title, class: "action", dataset: { action: label }, onclick: action }, label);
+  const button = (label, action, title, run) =>
+    el("button", { type: "button", title, class: "action", dataset: { action }, onclick: run }, label);
   const actions = [];
   if (!state.ablate.includes(node.id)) {
-    actions.push(button("ablate", `zero-ablate ${node.id} and run again`,
+    actions.push(button("ablate", "ablate", `zero-ablate ${node.id} and run again`,
       () => setState({ ablate: [...state.ablate, node.id] })));
   }
   // The trace ids come from the server (ids are printed by Python only): q, k, qk, v for a
   // head at a (query, key) pair, "pre" for a neuron or a latent.
-  for (const [through, trace] of Object.entries(node.traces || {})) {
-    const label = through === "pre" ? "trace" : `trace ${through}`;
-    const title = through === "pre" ? `explain the pre-activation of ${node.id}`
-      : `explain the attention logit of ${node.id} through ${through}`;
-    actions.push(button(label, title, () => {
+  const traces = Object.entries(node.traces || {});
+  if (traces.length > 1) actions.push(el("span", { class: "muted" }, "trace"));
+  for (const [through, trace] of traces) {
+    const pre = through === "pre";
+    const title = pre ? `trace: explain the pre-activation of ${node.id}`
+      : `trace: explain the attention logit of ${node.id} through ${through}` +
+        (through === "v" ? " (its write through the value, on the downstream gradient)" : "");
+    actions.push(button(pre ? "trace" : through, pre ? "trace" : `trace ${through}`, title, () => {
       // Through the value, the head's write is projected on the downstream gradient: that of
       // the node traced now, if any, else the direction of interest.
       const downstream = through === "v" && state.trace && !state.trace.endsWith(":v") ? state.trace : "";
@@ -354,50 +502,32 @@ function nodeActions(node) {
     }));
   }
   if (!state.view.includes(node.id)) {
-    actions.push(button("views", `tokens ${node.id} promotes and suppresses`,
+    actions.push(button("views", "views", `tokens ${node.id} promotes and suppresses`,
       () => setState({ view: [...state.view, node.id] })));
   }
   return actions;
 }
 
-// Each metric next to its baseline / right-prompt value and difference.
-function columnOrder(table) {
-  const order = [];
-  for (const group of table.groups) {
-    for (const suffix of ["", "_baseline", "_right", "_diff"]) {
-      if (table.columns.includes(group + suffix)) order.push(group + suffix);
-    }
-  }
-  return [...order, ...table.columns.filter((c) => !order.includes(c))];
-}
-
-function renderTable(table) {
-  const columns = columnOrder(table);
-  const compare = columns.some((c) => c.endsWith("_right"));
-  const scales = Object.fromEntries(columns.map((c) =>
-    [c, Math.max(0, ...table.nodes.map((n) => Math.abs(n.values[c] ?? 0)))]));
-  const header = el("tr", {}, el("th", {}, "node"), el("th", {}, "name"),
-    ...columns.map((c) => {
-      const arrow = state.sort === c ? (state.order === "asc" ? " ▲" : " ▼") : "";
-      return el("th", {
-        class: "sortable", title: `sort by ${c}`, dataset: { column: c },
-        onclick: () => setState({
-          sort: c, order: state.sort === c && state.order === "desc" ? "asc" : "desc",
-        }, { fetchResults: false }),
-      }, columnLabel(c, compare) + arrow);
-    }),
-    el("th", {}, "actions"));
-  const rows = sortedNodes(table).map((node) => el("tr", { dataset: { node: node.id } },
-    el("td", { class: "id" }, componentLink(node.id, node.component)),
-    el("td", { class: "name" }, node.name),
-    ...columns.map((c) => {
-      const cell = el("td", { class: "num", dataset: { column: c } }, fmt(node.values[c]));
-      cell.style.background = colour(node.values[c], scales[c]);
-      return cell;
-    }),
-    el("td", { class: "actions" }, ...nodeActions(node))));
-  $("node-table").replaceChildren(el("thead", {}, header), el("tbody", {}, ...rows));
-  $("row-count").textContent = `(${table.nodes.length} rows, k = ${table.k})`;
+function drawTable(table) {
+  const mode = tableMode(table);
+  $("full-columns-box").hidden = mode === "plain";
+  const sortBy = (column) => {
+    const current = table.columns.includes(state.sort) ? state.sort : DEFAULT_SORT;
+    const order = column !== current ? "abs"
+      : ORDERS[(ORDERS.indexOf(state.order) + 1) % ORDERS.length];
+    setState({ sort: column, order }, { fetchResults: false });
+  };
+  const counts = {};
+  for (const node of table.nodes) counts[node.node_type] = (counts[node.node_type] ?? 0) + 1;
+  $("type-filter").replaceChildren(el("option", { value: "" }, `all types (${table.nodes.length})`),
+    ...NODE_TYPES.filter((t) => counts[t] || t === state.type).map((t) =>
+      el("option", { value: t }, `${TYPE_NAMES[t]} (${counts[t] ?? 0})`)));
+  $("type-filter").value = state.type;
+  const { shown, hidden, total } = renderTable($("node-table"), table, state,
+    { sort: sortBy, actions: nodeActions });
+  $("trivial-count").textContent = state.trivial
+    ? `(${visibleRows(table, { ...state, trivial: false }).hidden})` : `(${hidden} hidden)`;
+  $("row-count").textContent = `(${shown} of ${total} rows, k = ${table.k})`;
 }
 
 // ---- start ----------------------------------------------------------------------------------
@@ -410,20 +540,40 @@ async function start() {
     $("distractor").value = IOI.distractor;
     checkSplits();
   });
-  $("target").addEventListener("input", checkSplits);
-  $("distractor").addEventListener("input", checkSplits);
+  for (const id of ["target", "distractor", "prompt", "second", "second-target", "second-distractor"]) {
+    $(id).addEventListener("input", checkSplits);
+  }
+  $("logprob").addEventListener("change", () => {
+    $("distractor").disabled = $("logprob").checked;
+    renderSpaceWarnings();
+  });
   $("mlp-nodes").addEventListener("change", () => setState({ mlp: $("mlp-nodes").value }));
   $("attn-nodes").addEventListener("change", () => setState({ attn: $("attn-nodes").value }));
-  $("node-types").addEventListener("change", () => {
+  $("node-types").addEventListener("change", (event) => {
+    if (event.target.tagName === "SELECT") return; // "MLP as" / "attention as" have their own
     const types = [...$("node-types").querySelectorAll("input:checked")].map((b) => b.value);
     setState({ types });
   });
-  fillForm();
+  const display = (changes) => setState(changes, { fetchResults: false });
+  $("search").addEventListener("input", () => display({ search: $("search").value }));
+  $("type-filter").addEventListener("change", () => display({ type: $("type-filter").value }));
+  $("show-trivial").addEventListener("change", () => display({ trivial: $("show-trivial").checked }));
+  $("full-columns").addEventListener("change", () => display({ full: $("full-columns").checked }));
+  fillForm(); // at once: the form shows the URL's state while the model info loads
   try {
-    showModelInfo(await getJson("/api/model"));
+    const info = await getJson("/api/model");
+    showModelInfo(info);
+    maxK = info.max_k;
+    $("k").max = String(maxK);
   } catch (error) {
     showError(`cannot reach the tdb server: ${error.message}`);
   }
+  clampK();
+  // The URL shows what is shown (k clamped); replaced, not pushed: it is the same view.
+  if (state.prompt && writeState(state) !== window.location.search) {
+    history.replaceState(null, "", writeState(state));
+  }
+  fillForm();
   await run();
 }
 

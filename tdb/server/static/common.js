@@ -41,11 +41,13 @@ export function showError(message) {
   $("error").hidden = !message;
 }
 
+// One number format everywhere: three decimals (a cell's tooltip holds the exact value); an
+// exponent only past 1e5, where three decimals stop being readable.
 export function fmt(value) {
-  if (value === null || value === undefined) return "–";
-  const abs = Math.abs(value);
-  if (abs !== 0 && (abs < 1e-3 || abs >= 1e4)) return value.toExponential(2);
-  return value.toFixed(3);
+  if (value === null || value === undefined || Number.isNaN(value)) return "–";
+  if (Math.abs(value) >= 1e5) return value.toExponential(2);
+  const text = value.toFixed(3);
+  return text === "-0.000" ? "0.000" : text;
 }
 
 // Red for positive, blue for negative; the stronger, the larger |value| / scale.
