@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
+    nodes.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start text prompts with the BOS token (default: when the tokenizer adds one, as "
+        "for Llama and Gemma; not for GPT-2 or the demo model)",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -368,6 +375,7 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         sort=None if sort is None else sort[0],
         compare_prompt=compare,
         resample_prompt=resample,
+        bos=args.bos,
     ).checked()
 
 

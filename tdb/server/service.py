@@ -51,10 +51,15 @@ def tokenize(loaded: LoadedModel, text: str) -> TokenizeResponse:
 
 
 def prompt_tokens(
-    loaded: LoadedModel, prompt: str | Sequence[int], max_prompt_tokens: int, what: str
+    loaded: LoadedModel,
+    prompt: str | Sequence[int],
+    max_prompt_tokens: int,
+    what: str,
+    bos: bool | None = None,
 ) -> list[int]:
-    """The prompt's token ids, within the model's context and this server's limit."""
-    tokens = loaded.tokenizer.prompt_ids(prompt, loaded.model.config.n_ctx, what)
+    """The prompt's token ids (BOS as `bos` says, see `Tokenizer.prompt_ids`), within the
+    model's context and this server's limit."""
+    tokens = loaded.tokenizer.prompt_ids(prompt, loaded.model.config.n_ctx, what, bos)
     if len(tokens) > max_prompt_tokens:
         raise TdbError(
             f"{what} is {len(tokens)} tokens; this server takes at most {max_prompt_tokens} "
@@ -71,7 +76,9 @@ def node_request(
     `fields`: k, groups, views, ..."""
 
     def ids(prompt: str | Sequence[int] | None, what: str) -> list[int] | None:
-        return None if prompt is None else prompt_tokens(loaded, prompt, max_prompt_tokens, what)
+        if prompt is None:
+            return None
+        return prompt_tokens(loaded, prompt, max_prompt_tokens, what, request.bos)
 
     compare, resample = second_prompts(
         ids(request.second_prompt, "the second prompt"),
@@ -80,7 +87,7 @@ def node_request(
         ids(request.resample_prompt, "the resample prompt"),
     )
     return NodeRequest(
-        prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt"),
+        prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt", request.bos),
         target=request.target,
         distractor=request.distractor,
         logprob=request.logprob,

@@ -53,6 +53,8 @@ class NodeRequest:
     - `mean_prompts`: the reference prompts of `:mean` ablations (default: the prompt itself).
     - `compare_prompt`: a second prompt of the same token count, shown side by side (left,
       right, right - left). Not combined with ablations.
+    - `bos`: start text prompts (all of them) with the BOS token; None (default): when the
+      tokenizer adds one (Llama, Gemma; not GPT-2 or the demo). Token ids are taken as given.
 
     What to show:
     - `k`: nodes per metric and node type; `groups`: the metrics (columns).
@@ -86,6 +88,7 @@ class NodeRequest:
     groups: Sequence[Metric] = ALL_GROUPS
     node_types: Sequence[NodeType] | None = None
     sort: Metric | None = None
+    bos: bool | None = None
     # Parsed ablations, filled by `checked()` (callers give `ablate`).
     ablations: tuple[Ablation, ...] = field(default=(), repr=False, compare=False)
 

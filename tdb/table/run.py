@@ -99,7 +99,7 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     request = request.checked()
     model, tokenizer = loaded.model, loaded.tokenizer
     n_ctx = model.config.n_ctx
-    tokens = tokenizer.prompt_ids(request.prompt, n_ctx)
+    tokens = tokenizer.prompt_ids(request.prompt, n_ctx, bos=request.bos)
     groups = list(request.groups)
     k = request.k
     attached, shown = resolve_saes(loaded, request.saes, request.mlp_nodes, request.attn_nodes)
@@ -119,9 +119,13 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     resample = (
         None
         if request.resample_prompt is None
-        else tokenizer.prompt_ids(request.resample_prompt, n_ctx, "the resample prompt")
+        else tokenizer.prompt_ids(
+            request.resample_prompt, n_ctx, "the resample prompt", request.bos
+        )
     )
-    means = [tokenizer.prompt_ids(p, n_ctx, "a mean prompt") for p in request.mean_prompts]
+    means = [
+        tokenizer.prompt_ids(p, n_ctx, "a mean prompt", request.bos) for p in request.mean_prompts
+    ]
     hooks = (
         ablation_hooks(model, tokens, ablations, resample, means, attached)
         if ablations
@@ -129,7 +133,9 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     )
     compare = None
     if request.compare_prompt is not None:  # checked before any capture runs
-        compare = tokenizer.prompt_ids(request.compare_prompt, n_ctx, "the compare prompt")
+        compare = tokenizer.prompt_ids(
+            request.compare_prompt, n_ctx, "the compare prompt", request.bos
+        )
         if len(compare) != len(tokens):
             raise TdbError(
                 f"--compare-prompt must have the same number of tokens as the prompt: "
