@@ -94,8 +94,13 @@ def node_table(
     return run_request(loaded, request)
 
 
-def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
-    """The node table a request asks for. See `NodeRequest` for what each field does."""
+def run_request(
+    loaded: LoadedModel, request: NodeRequest, captured: Capture | None = None
+) -> NodeTable:
+    """The node table a request asks for. See `NodeRequest` for what each field does.
+
+    `captured`: the request's main capture, already run (by `tdb.table.batch.run_requests`, in
+    a batch with other requests); the table is then built from it."""
     request = request.checked()
     model, tokenizer = loaded.model, loaded.tokenizer
     n_ctx = model.config.n_ctx
@@ -103,18 +108,7 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     groups = list(request.groups)
     k = request.k
     attached, shown = resolve_saes(loaded, request.saes, request.mlp_nodes, request.attn_nodes)
-    direction = make_direction(
-        loaded,
-        tokens,
-        request.target,
-        request.distractor,
-        request.position,
-        request.logprob,
-        request.vector,
-        request.trace,
-        request.downstream,
-        attached,
-    )
+    direction = request_direction(loaded, request, tokens, attached)
     ablations = list(request.ablations)
     resample = (
         None
@@ -148,7 +142,11 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     def run(tokens: Tensor, prune_k: int | None = None, hooks: Hooks = NO_HOOKS) -> Capture:
         return only(capture(model, tokens, direction, groups, prune_k, hooks, attached), shown)
 
-    main = run(token_tensor, None if request.dense else max(k, request.verify), hooks)
+    main = (
+        run(token_tensor, main_prune_k(request), hooks)
+        if captured is None
+        else only(captured, shown)
+    )
     columns: dict[str, list[float]] = {}
     table_fields: dict[str, object] = {}
     warnings: list[str] = []
@@ -202,6 +200,29 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     if request.node_types is None and request.sort is None:
         return table
     return table.select(request.node_types, request.sort)
+
+
+def request_direction(
+    loaded: LoadedModel, request: NodeRequest, tokens: list[int], saes: Sequence[AttachedSae]
+) -> Direction:
+    """The direction of interest the request names, on the prompt's `tokens`."""
+    return make_direction(
+        loaded,
+        tokens,
+        request.target,
+        request.distractor,
+        request.position,
+        request.logprob,
+        request.vector,
+        request.trace,
+        request.downstream,
+        saes,
+    )
+
+
+def main_prune_k(request: NodeRequest) -> int | None:
+    """The per-layer top k the main capture keeps (None: every node)."""
+    return None if request.dense else max(request.k, request.verify)
 
 
 def inert_ablations(ablations: Sequence[Ablation], store: ScalarStore) -> list[str]:
