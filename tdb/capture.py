@@ -185,11 +185,19 @@ def padded(
         tokens[row, : len(prompt)] = prompt
     if min(lengths) == n_pos:
         return tokens, None
-    real = torch.arange(n_pos, device=tokens.device) < torch.tensor(lengths)[:, None].to(tokens)
-    # A real query attends to real keys only; a padding query to whatever the causal (and
-    # sliding-window) mask allows, so that no row is all masked (a NaN there would reach the
-    # real rows' gradients through 0 * NaN).
-    return tokens, real[:, None, :] | ~real[:, :, None]  # [batch query_pos key_pos]
+    return tokens, padding_mask(torch.tensor(lengths, device=tokens.device), n_pos)
+
+
+def padding_mask(
+    lengths: Int[Tensor, " batch"], n_pos: int
+) -> Bool[Tensor, "batch query_pos key_pos"]:
+    """The attention mask of a right-padded batch whose rows hold `lengths` real tokens.
+
+    A real query attends to real keys only; a padding query to whatever the causal (and
+    sliding-window) mask allows, so that no row is all masked (a NaN there would reach the real
+    rows' gradients through 0 * NaN)."""
+    real = torch.arange(n_pos, device=lengths.device) < lengths[:, None]  # [batch pos]
+    return real[:, None, :] | ~real[:, :, None]  # [batch query_pos key_pos]
 
 
 def capture_batch(
