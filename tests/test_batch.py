@@ -6,7 +6,9 @@ bfloat16 (documented tolerance); padding positions are never nodes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint as make_gpt2
@@ -14,6 +16,7 @@ from node_values import all_nodes
 from test_architectures import SHAPES, VOCAB, shape_id
 from test_architectures import make_checkpoint as make_arch
 
+import tdb.scan.shard
 from tdb.capture import Capture, capture, capture_batch, padded
 from tdb.checkpoint import load_model
 from tdb.direction import LogitDiff, LogProb
@@ -23,6 +26,10 @@ from tdb.latents import resolve_saes
 from tdb.metrics import ALL_GROUPS, Group
 from tdb.models.base import TransformerModel
 from tdb.sae import AttachedSae
+from tdb.scan.partial import ScanPartial
+from tdb.scan.shard import ScanSettings, scan_shard
+from tdb.scan.sources import model_sources
+from tdb.scan.windows import _make_shard
 from tdb.topk import multi_group_topk
 
 BOS = 1
@@ -193,3 +200,47 @@ def demo_saes() -> tuple[TransformerModel, list[AttachedSae]]:
     loaded = load_model()
     saes, _ = resolve_saes(loaded, (), "both", "both")
     return loaded.model, list(saes)
+
+
+SCAN_ROWS = [(0, 0, BODIES[0]), (0, 11, BODIES[1]), (1, 0, BODIES[2]), (2, 0, BODIES[3])]
+
+
+def test_the_scan_mask_changes_no_record(model: TransformerModel) -> None:
+    """The padding mask the scan passes changes nothing a record holds (the causal mask already
+    kept padding out of real tokens' attention): bit for bit the arrays of the unmasked run."""
+    shard = _make_shard(0, SCAN_ROWS, window=11, n_docs=3)
+    sources, settings = model_sources(model), ScanSettings(k=3, window=11, batch_size=4)
+    masked = scan_shard(model, sources, shard, settings).to_arrays()
+    with mock.patch.object(tdb.scan.shard, "padding_mask", lambda lengths, n_pos: None):
+        unmasked = scan_shard(model, sources, shard, settings).to_arrays()
+    assert masked.keys() == unmasked.keys()
+    for name in masked:
+        np.testing.assert_array_equal(masked[name], unmasked[name], err_msg=name)
+
+
+def test_scan_batches_equal_one_window_at_a_time(model: TransformerModel) -> None:
+    """The scan's padded batches of windows (of different lengths) give the activations that
+    running each window alone gives: each component's top examples' activations and its
+    statistics. (Which of two examples within float rounding of each other ranks k-th may
+    differ, so the documents are not compared.)"""
+    shard = _make_shard(0, SCAN_ROWS, window=11, n_docs=3)
+    sources = model_sources(model)
+    batched = scan_shard(model, sources, shard, ScanSettings(k=3, window=11, batch_size=4))
+    alone = scan_shard(model, sources, shard, ScanSettings(k=3, window=11, batch_size=1))
+    ours, theirs = ordered_arrays(batched), ordered_arrays(alone)
+    compared = [
+        n for n in theirs if n.endswith(("/top/activation", "/top/key")) or "/moments/" in n
+    ]
+    assert compared
+    for name in compared:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def ordered_arrays(partial: ScanPartial) -> dict[str, np.ndarray]:
+    """The partial's arrays, each component's examples in rank order (a partial keeps them in
+    the order they came in, which differs with the batches)."""
+    arrays = partial.to_arrays()
+    for name, part in partial.sources.items():
+        arrays |= part.top.ordered().to_arrays(f"{name}/top/")
+        arrays |= part.sample.ordered().to_arrays(f"{name}/sample/")
+    return arrays
