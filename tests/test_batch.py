@@ -5,7 +5,6 @@ bfloat16 (documented tolerance); padding positions are never nodes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
@@ -15,6 +14,7 @@ from checkpoints import make_checkpoint as make_gpt2
 from node_values import all_nodes
 from test_architectures import SHAPES, VOCAB, shape_id
 from test_architectures import make_checkpoint as make_arch
+from test_architectures import one_thread as one_thread  # autouse: one torch thread
 
 import tdb.scan.shard
 from tdb.capture import Capture, capture, capture_batch, padded
@@ -45,14 +45,6 @@ F32 = {"atol": 2e-5, "rtol": 1e-4}
 # bfloat16 (7 bits of mantissa): the batched and single runs round the same operations at a
 # different summation order, so values differ by a few units of the last place of bfloat16.
 BF16 = {"atol": 0.1, "rtol": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # One shape per architecture (tests/test_architectures.py has two each), plus GPT-2.
