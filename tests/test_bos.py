@@ -150,3 +150,11 @@ def test_http_bos_field(llama_with_bos: Path) -> None:
         on = c.post("/api/nodes", json=request | {"bos": True}).json()
     ids = [[t["id"] for t in out["tokens"]] for out in (default, on, off)]
     assert ids[0] == ids[1] == [VOCAB["<s>"], *ids[2]]
+
+
+def test_loaded_run_starts_text_with_the_bos(llama_with_bos: Path) -> None:
+    loaded = load_model(llama_with_bos)
+    result = loaded.run([TEXT, "Mary and John"])
+    assert result.tokens[0].tolist() == [VOCAB[w] for w in ["<s>", *TEXT.split()]]
+    assert result.tokens[1, :4].tolist() == [VOCAB[w] for w in ["<s>", "Mary", "and", "John"]]
+    assert loaded.run([[3, 4]]).tokens.tolist() == [[3, 4]]  # ids as given
