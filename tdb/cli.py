@@ -356,6 +356,7 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         prompt=args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids"),
         target=target,
         distractor=distractor,
+        bos=args.bos,
         k=parse_int(args.k, "-k", minimum=0),
         position=parse_int(args.position, "--position"),
         logprob=args.logprob,
@@ -375,7 +376,6 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         sort=None if sort is None else sort[0],
         compare_prompt=compare,
         resample_prompt=resample,
-        bos=args.bos,
     ).checked()
 
 

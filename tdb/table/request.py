@@ -53,8 +53,6 @@ class NodeRequest:
     - `mean_prompts`: the reference prompts of `:mean` ablations (default: the prompt itself).
     - `compare_prompt`: a second prompt of the same token count, shown side by side (left,
       right, right - left). Not combined with ablations.
-    - `bos`: start text prompts (all of them) with the BOS token; None (default): when the
-      tokenizer adds one (Llama, Gemma; not GPT-2 or the demo). Token ids are taken as given.
 
     What to show:
     - `k`: nodes per metric and node type; `groups`: the metrics (columns).
@@ -64,6 +62,10 @@ class NodeRequest:
       shows SAE latents instead of neurons / heads, `"both"` next to them.
     - `node_types`: only these rows; `sort`: rows ordered by this metric (signed metrics by
       magnitude), instead of the top-k's first-seen order.
+
+    Tokens:
+    - `bos`: start text prompts (all of them) with the BOS token; None (default): when the
+      tokenizer adds one (Llama, Gemma; not GPT-2 or the demo). Token ids are taken as given.
     """
 
     prompt: Prompt
