@@ -227,7 +227,7 @@ def prompt_tokens(tokenizer: Tokenizer, prompts: Prompts, n_ctx: int) -> list[li
         what = f"prompts[{i}]"
         prompt = _as_list(prompt, what)
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = [*tokenizer.bos, *tokenizer.encode(prompt)]  # BOS as in the node table
         elif isinstance(prompt, Sequence) and all(_is_id(t) for t in prompt):
             ids = [tokenizer.check_id(int(t), f"{what}: token id") for t in prompt]
         else:

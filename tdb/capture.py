@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tdb.direction import Direction
+from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.latents import LATENT_POINTS, SITE_OF_LATENT_POINT, attach, check_saes, write_directions
 from tdb.metrics import (
@@ -165,11 +166,71 @@ def capture(
     >>> cap = capture(model, torch.tensor([5, 9, 2]), LogitDiff((7,), (8,), 2), ALL_GROUPS)
     >>> cap.store.topk(Group.DIRECT_EFFECT, NodeType.MLP_NEURON, 5)
     """
+    return capture_batch(model, [tokens], [direction], groups, prune_k, hooks, saes)[0]
+
+
+def padded(
+    prompts: Sequence[Int[Tensor, " _pos"]],  # each its own length
+) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch query_pos key_pos"] | None]:
+    """Prompts of different lengths as one batch, right-padded (with token 0), and the mask of
+    the keys a query may attend to (real tokens only); None when no prompt is padded.
+
+    Right padding keeps every real token at its own position (0, 1, ...), so learned and rotary
+    positions are exact for every architecture, and under the causal mask a real token never
+    sees a padding token anyway: the mask says so explicitly."""
+    lengths = [len(p) for p in prompts]
+    n_pos = max(lengths)
+    tokens = torch.zeros(len(prompts), n_pos, dtype=torch.long, device=prompts[0].device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    if min(lengths) == n_pos:
+        return tokens, None
+    return tokens, padding_mask(torch.tensor(lengths, device=tokens.device), n_pos)
+
+
+def padding_mask(
+    lengths: Int[Tensor, " batch"], n_pos: int
+) -> Bool[Tensor, "batch query_pos key_pos"]:
+    """The attention mask of a right-padded batch whose rows hold `lengths` real tokens.
+
+    A real query attends to real keys only; a padding query to whatever the causal (and
+    sliding-window) mask allows, so that no row is all masked (a NaN there would reach the real
+    rows' gradients through 0 * NaN)."""
+    real = torch.arange(n_pos, device=lengths.device) < lengths[:, None]  # [batch pos]
+    return real[:, None, :] | ~real[:, :, None]  # [batch query_pos key_pos]
+
+
+def capture_batch(
+    model: TransformerModel,
+    prompts: Sequence[Int[Tensor, " _pos"]],  # each its own length
+    directions: Sequence[Direction],
+    groups: Sequence[Metric],
+    prune_k: int | None = None,
+    hooks: Hooks = NO_HOOKS,
+    saes: Sequence[AttachedSae] = (),
+) -> list[Capture]:
+    """`capture` of several prompts (of any lengths) in one forward and one backward pass: one
+    `Capture` per prompt, equal to running it alone (up to float rounding; tests/test_batch.py).
+
+    The prompts are right-padded (`padded`); padding positions are never nodes. The backward
+    pass starts from the sum of the prompts' directions: prompts do not see each other, so each
+    prompt's gradients are its own direction's. The directions must read the residual stream
+    at the same point (the final one, for logit directions). `hooks` see the padded batch.
+
+    >>> left, right = capture_batch(model, [torch.tensor([5, 9, 2]), torch.tensor([5, 9])],
+    ...                             [LogitDiff((7,), (8,), 2), LogitDiff((7,), (8,), 1)], groups)
+    """
+    if len(prompts) != len(directions) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts need as many directions, not {len(directions)}")
     groups = list(dict.fromkeys(groups))
     needs_grad = needs_gradient(groups)
     reads_values = needs_values(groups)
-    n_pos, read_point = len(tokens), direction.read_point
-    last_token = max(direction.read_positions)
+    read_point = directions[0].read_point
+    if any(d.read_point != read_point for d in directions):
+        raise TdbError("a batched capture needs directions that read the same point")
+    lengths = [len(p) for p in prompts]
+    rows = range(len(prompts))
+    last_tokens = [max(d.read_positions) for d in directions]
     n_layer = model.config.n_layer
     upstream = {
         HookPoint.ATTN_PROBS: read_point.upstream_layers(n_layer, node_is_attention=True),
@@ -179,42 +240,55 @@ def capture(
     by_key = check_saes(saes, model.config)
     for site, point in LATENT_POINTS.items():
         upstream[point] = read_point.upstream_layers(n_layer, site is LatentSite.ATTN_OUT)
-    latent_builder = LatentBlockBuilder(groups, prune_k, last_token)
-    builders = {
-        t: LayeredBlockBuilder(t, groups, prune_k, last_token)
-        for t in (NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON)
-    }
+    latent_builders = [LatentBlockBuilder(groups, prune_k, last) for last in last_tokens]
+    builders = [
+        {
+            t: LayeredBlockBuilder(t, groups, prune_k, last)
+            for t in (NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON)
+        }
+        for last in last_tokens
+    ]
     saved: dict[tuple[HookPoint, int | None], Tensor] = {}
-    read: list[ReadOut] = []  # known only once the forward pass has ended
+    read: list[ReadOut] = []  # one per prompt, known only once the forward pass has ended
 
-    def derive(node_type: NodeType, inputs: object, layer: int) -> None:
+    def derive(row: int, node_type: NodeType, inputs: object, layer: int) -> None:
         with torch.no_grad():
             grids = {group: metric_function(node_type, group)(inputs) for group in groups}
-        builders[node_type].add(layer, grids)
+        builders[row][node_type].add(layer, grids)
+
+    def rows_of(x: Tensor | None, row: int) -> Tensor | None:
+        """One prompt's part of a batch tensor [batch pos ...] (padding cut off)."""
+        return None if x is None else x[row, : lengths[row]]
 
     def finish_attention(layer: int, grad_probs: Tensor | None) -> None:
-        probs = saved.pop((HookPoint.ATTN_PROBS, layer))[0].detach()
-        v = saved.pop((HookPoint.V, layer))[0].detach() if reads_values else None
+        probs = saved.pop((HookPoint.ATTN_PROBS, layer)).detach()  # [batch head query key]
+        v = saved.pop((HookPoint.V, layer)).detach() if reads_values else None
         W_O = model.block(layer).attn.W_O.detach()
-        grad = None if grad_probs is None else grad_probs[0]
-        derive(NodeType.ATTENTION_HEAD, AttentionInputs(probs, grad, v, W_O, read[0]), layer)
+        for row, n in zip(rows, lengths, strict=True):
+            grad = None if grad_probs is None else grad_probs[row, :, :n, :n]
+            inputs = AttentionInputs(probs[row, :, :n, :n], grad, rows_of(v, row), W_O, read[row])
+            derive(row, NodeType.ATTENTION_HEAD, inputs, layer)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
-        post = saved.pop((HookPoint.MLP_POST, layer))[0].detach()
+        post = saved.pop((HookPoint.MLP_POST, layer)).detach()
         W_out = model.block(layer).mlp.W_out.detach()
-        grad = None if grad_post is None else grad_post[0]
-        derive(NodeType.MLP_NEURON, MlpInputs(post, grad, W_out, read[0]), layer)
+        for row in rows:
+            inputs = MlpInputs(post[row, : lengths[row]], rows_of(grad_post, row), W_out, read[row])
+            derive(row, NodeType.MLP_NEURON, inputs, layer)
 
     def finish_latents(point: HookPoint) -> Callable[[int, Tensor | None], None]:
         def finish(layer: int, grad_z: Tensor | None) -> None:
-            z = saved.pop((point, layer))[0].detach()
+            z = saved.pop((point, layer)).detach()
             attached = by_key[(SITE_OF_LATENT_POINT[point], layer)]
             write_dirs = write_directions(model, attached).detach()
-            grad = None if grad_z is None else grad_z[0]
-            inputs = LatentInputs(z, grad, write_dirs, read[0])
-            with torch.no_grad():
-                grids = {g: metric_function(NodeType.AUTOENCODER_LATENT, g)(inputs) for g in groups}
-            latent_builder.add(attached, grids)
+            for row in rows:
+                z_row = z[row, : lengths[row]]
+                inputs = LatentInputs(z_row, rows_of(grad_z, row), write_dirs, read[row])
+                with torch.no_grad():
+                    grids = {
+                        g: metric_function(NodeType.AUTOENCODER_LATENT, g)(inputs) for g in groups
+                    }
+                latent_builders[row].add(attached, grids)
 
         return finish
 
@@ -261,38 +335,56 @@ def capture(
             read_point.hook: save_read_point,
         }
     )
-    logit_position = torch.tensor([direction.position])
+    tokens, attention_mask = padded(prompts)
+    positions = sorted({d.position for d in directions})
+    logit_positions = torch.tensor(positions)
     with torch.set_grad_enabled(needs_grad):
         all_hooks = attach(saes, compose(hooks, own))
-        logits = model(tokens[None], all_hooks, logit_positions=logit_position)[0, 0]
-        resid_read = saved.pop((read_point.hook, None))[0]
-        value = direction.read(model, resid_read)
-    read.append(read_out(model, direction, resid_read))
+        logits = model(
+            tokens, all_hooks, attention_mask=attention_mask, logit_positions=logit_positions
+        )  # [batch logit_pos d_vocab]
+        resid_read = saved.pop((read_point.hook, None))
+        values = [
+            d.read(model, resid_read[row, : lengths[row]])
+            for row, d in zip(rows, directions, strict=True)
+        ]
+    read.extend(
+        read_out(model, d, resid_read[row, : lengths[row]])
+        for row, d in zip(rows, directions, strict=True)
+    )
     resid = saved.pop((HookPoint.RESID_EMBED, None))
-    grad_resid = torch.autograd.grad(value, resid)[0][0] if needs_grad else None
+    # Each prompt's direction depends on its own row only, so the gradient of the sum is, row
+    # by row, the gradient of each prompt's own direction.
+    grad_resid = torch.autograd.grad(torch.stack(values).sum(), resid)[0] if needs_grad else None
     # Layers the direction does not depend on fired no gradient hook: their gradient is zero.
     for point, layer in [key for key in saved if key[0] in finishers]:
         assert layer is not None
         grad = torch.zeros_like(saved[(point, layer)]) if needs_grad else None
         finishers[point](layer, grad)
-    embedding = EmbeddingInputs(resid[0].detach(), grad_resid, read[0])
-    embedding_nodes = node_mask(NodeType.EMBEDDING, (n_pos,), last_token)
-    with torch.no_grad():
-        embedding_values = {
-            g: metric_function(NodeType.EMBEDDING, g)(embedding).masked_fill(
-                ~embedding_nodes, math.nan
-            )
-            for g in groups
+    captures = []
+    for row, n_pos, last_token in zip(rows, lengths, last_tokens, strict=True):
+        embedding = EmbeddingInputs(
+            resid[row, :n_pos].detach(), rows_of(grad_resid, row), read[row]
+        )
+        embedding_nodes = node_mask(NodeType.EMBEDDING, (n_pos,), last_token)
+        with torch.no_grad():
+            embedding_values = {
+                g: metric_function(NodeType.EMBEDDING, g)(embedding).masked_fill(
+                    ~embedding_nodes, math.nan
+                )
+                for g in groups
+            }
+        blocks: dict[NodeType, NodeBlock] = {
+            NodeType.EMBEDDING: GridBlock(NodeType.EMBEDDING, (n_pos,), embedding_values)
         }
-    blocks: dict[NodeType, NodeBlock] = {
-        NodeType.EMBEDDING: GridBlock(NodeType.EMBEDDING, (n_pos,), embedding_values)
-    }
-    for node_type, builder in builders.items():
-        if builder.layers:
-            blocks[node_type] = builder.build()
-    if latent_builder.parts:
-        blocks[NodeType.AUTOENCODER_LATENT] = latent_builder.build()
-    return Capture(ScalarStore(blocks), float(value.detach()), logits.detach())
+        for node_type, builder in builders[row].items():
+            if builder.layers:
+                blocks[node_type] = builder.build()
+        if latent_builders[row].parts:
+            blocks[NodeType.AUTOENCODER_LATENT] = latent_builders[row].build()
+        row_logits = logits[row, positions.index(directions[row].position)].detach()
+        captures.append(Capture(ScalarStore(blocks), float(values[row].detach()), row_logits))
+    return captures
 
 
 def direction_value(

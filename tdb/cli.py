@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
+    nodes.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start text prompts with the BOS token (default: when the tokenizer adds one, as "
+        "for Llama and Gemma; not for GPT-2 or the demo model)",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -375,6 +382,7 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
         prompt=args.prompt if args.token_ids is None else parse_ids(args.token_ids, "--token-ids"),
         target=target,
         distractor=distractor,
+        bos=args.bos,
         k=parse_int(args.k, "-k", minimum=0),
         position=parse_int(args.position, "--position"),
         logprob=args.logprob,

@@ -1,6 +1,11 @@
 """Tokenizers: a checkpoint's `tokenizer.json` (or GPT-2's vocab.json + merges.txt), or none.
 
 Without tokenizer files a model still works on token ids; token text is then shown as `<id>`.
+
+BOS: a text prompt starts with the tokens `tokenizer.json`'s post-processor puts before a text
+(Llama's `<s>`, Llama 3's `<|begin_of_text|>`, Gemma's `<bos>`), as transformers' tokenizer
+does; GPT-2's and the demo's add none. Tokens the post-processor appends (an EOS) are left
+out: a prompt is continued, not ended. Targets and distractors never get a BOS.
 """
 
 from __future__ import annotations
@@ -41,15 +46,33 @@ def read_tokenizer(read: Callable[[], T], path: Path) -> T:
         raise TdbError(f"{path}: not a readable tokenizer ({reason(e)})") from None
 
 
+def bos_prefix(inner: HFTokenizer) -> tuple[int, ...]:
+    """The special tokens `inner`'s post-processor puts before a single text (none: `()`).
+
+    Read off an encoding of a probe text with and without the special tokens, so any
+    post-processor (TemplateProcessing, RobertaProcessing, a Sequence) is read the same way."""
+    for probe in ("a", "Hello", "0"):
+        plain = inner.encode(probe, add_special_tokens=False).ids
+        if not plain:  # a vocabulary without this text and no unknown token: try another
+            continue
+        full = inner.encode(probe, add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return tuple(full[:start])
+    return ()
+
+
 @dataclass(frozen=True)
 class Tokenizer:
     """Text <-> token ids. `Tokenizer.from_dir(path)`; `tok.encode(" Mary")` -> `[44]`.
 
-    `inner` is None when the checkpoint has no tokenizer files (ids only).
+    `inner` is None when the checkpoint has no tokenizer files (ids only). `bos`: the tokens a
+    text prompt starts with when the model expects them (see the module docstring).
     """
 
     inner: HFTokenizer | None
     d_vocab: int
+    bos: tuple[int, ...] = ()
 
     @staticmethod
     def from_dir(directory: Path, d_vocab: int) -> Tokenizer:
@@ -76,7 +99,7 @@ class Tokenizer:
                 f"{directory}: the tokenizer has token ids up to {largest}, but the model embeds "
                 f"only {d_vocab} (vocab_size in config.json)"
             )
-        return Tokenizer(inner, d_vocab)
+        return Tokenizer(inner, d_vocab, bos_prefix(inner))
 
     @property
     def has_text(self) -> bool:
@@ -109,9 +132,16 @@ class Tokenizer:
         return token_id
 
     def prompt_ids(
-        self, prompt: str | Sequence[int], n_ctx: int, what: str = "the prompt"
+        self,
+        prompt: str | Sequence[int],
+        n_ctx: int,
+        what: str = "the prompt",
+        bos: bool | None = None,
     ) -> list[int]:
         """A prompt's token ids (text is encoded, ids are checked), non-empty and within `n_ctx`.
+
+        Text starts with the BOS tokens when `bos` is True, or when it is None (the default)
+        and the tokenizer adds them (`self.bos`); ids are taken as given.
 
         >>> tokenizer.prompt_ids("When Mary and John", n_ctx=128)
         """
@@ -119,6 +149,14 @@ class Tokenizer:
             if not prompt:
                 raise TdbError(f"{what} is empty: give some text (or token ids)")
             tokens = self.encode(prompt)
+            if bos and not self.bos:
+                raise TdbError(
+                    "--bos: this tokenizer adds no BOS token (its tokenizer.json has no "
+                    "post-processor that starts a text with one); give the BOS id in "
+                    "--token-ids instead"
+                )
+            if bos is not False:
+                tokens = [*self.bos, *tokens]
         elif isinstance(prompt, Iterable):
             tokens = [self.check_id(token_id(t, what), "token id") for t in prompt]
         else:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tdb.capture import padding_mask
 from tdb.latents import attach
 from tdb.models.base import TransformerModel
 from tdb.sae import AttachedSae
@@ -74,7 +75,10 @@ def scan_shard(
         for batch in shard_batches(shard, settings.batch_size):
             acts: dict[str, Tensor] = {}
             hooks = attach(saes or [], source_hooks(sources, acts))  # SAEs run inside
-            model(batch.tokens, hooks=hooks, logit_positions=NO_LOGITS)
+            # Windows are right-padded; the mask (the batched capture's) keeps padding out of
+            # every real token's attention, as the causal mask alone already does.
+            mask = padding_mask(batch.lengths, batch.tokens.shape[1])
+            model(batch.tokens, hooks, attention_mask=mask, logit_positions=NO_LOGITS)
             for source in sources:
                 absorb_batch_(
                     partial.sources[source.name],

@@ -28,6 +28,7 @@ from tdb.server.schemas import (
     CircuitResponse,
     ErrorResponse,
     ModelInfo,
+    NodesItem,
     NodeTableRequest,
     NodeTableResponse,
     TasksResponse,
@@ -104,7 +105,16 @@ async def views_route(request: ViewsRequest, state: State) -> Response:
 
 @router.post("/batch", response_model=BatchResponse)
 async def batch_route(request: BatchRequest, state: State) -> BatchResponse:
-    """Several requests in one call, answered in order; each has its own status and error."""
+    """Several requests in one call, answered in order; each has its own status and error.
+    The node tables run first, in one job, in batches where they can share a capture."""
+    node_items = [item for item in request.requests if isinstance(item, NodesItem)]
+    tables: list[tuple[bytes, bool] | TdbError | QueueFullError] = []
+    if node_items:
+        try:
+            tables += await state.node_tables([item.request for item in node_items])
+        except QueueFullError as e:
+            tables += [e] * len(node_items)
+    next_table = iter(tables)
     results = []
     for item in request.requests:
         try:
@@ -114,9 +124,10 @@ async def batch_route(request: BatchRequest, state: State) -> BatchResponse:
             elif isinstance(item, ViewsItem):
                 body = ViewsResponse.model_validate_json((await state.views(item.request))[0])
             else:
-                table = NodeTableResponse.model_validate_json(
-                    (await state.node_table(item.request))[0]
-                )
+                answer = next(next_table)
+                if isinstance(answer, TdbError | QueueFullError):
+                    raise answer
+                table = NodeTableResponse.model_validate_json(answer[0])
                 body = select_rows(table, item.request.node_types, item.request.sort)
             results.append(BatchResult(status=200, body=body))
         except TdbError as e:

@@ -107,6 +107,11 @@ class PromptRequest(Strict):
     attn_nodes: Literal["heads", "latents", "both"] = Field(
         default="heads", description="attention nodes: heads, SAE latents, or both"
     )
+    bos: bool | None = Field(
+        default=None,
+        description="start text prompts with the BOS token (default: when the tokenizer adds "
+        "one, as for Llama and Gemma; not GPT-2 or the demo); token ids are taken as given",
+    )
 
 
 class NodeTableRequest(PromptRequest):

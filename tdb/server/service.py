@@ -39,6 +39,7 @@ from tdb.server.schemas import (
     ViewsResponse,
 )
 from tdb.table import NodeRequest, run_request, second_prompts
+from tdb.table.batch import run_requests
 from tdb.table.result import row_order
 
 
@@ -51,10 +52,15 @@ def tokenize(loaded: LoadedModel, text: str) -> TokenizeResponse:
 
 
 def prompt_tokens(
-    loaded: LoadedModel, prompt: str | Sequence[int], max_prompt_tokens: int, what: str
+    loaded: LoadedModel,
+    prompt: str | Sequence[int],
+    max_prompt_tokens: int,
+    what: str,
+    bos: bool | None = None,
 ) -> list[int]:
-    """The prompt's token ids, within the model's context and this server's limit."""
-    tokens = loaded.tokenizer.prompt_ids(prompt, loaded.model.config.n_ctx, what)
+    """The prompt's token ids (BOS as `bos` says, see `Tokenizer.prompt_ids`), within the
+    model's context and this server's limit."""
+    tokens = loaded.tokenizer.prompt_ids(prompt, loaded.model.config.n_ctx, what, bos)
     if len(tokens) > max_prompt_tokens:
         raise TdbError(
             f"{what} is {len(tokens)} tokens; this server takes at most {max_prompt_tokens} "
@@ -71,7 +77,9 @@ def node_request(
     `fields`: k, groups, views, ..."""
 
     def ids(prompt: str | Sequence[int] | None, what: str) -> list[int] | None:
-        return None if prompt is None else prompt_tokens(loaded, prompt, max_prompt_tokens, what)
+        if prompt is None:
+            return None
+        return prompt_tokens(loaded, prompt, max_prompt_tokens, what, request.bos)
 
     compare, resample = second_prompts(
         ids(request.second_prompt, "the second prompt"),
@@ -80,7 +88,7 @@ def node_request(
         ids(request.resample_prompt, "the resample prompt"),
     )
     return NodeRequest(
-        prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt"),
+        prompt=prompt_tokens(loaded, request.prompt, max_prompt_tokens, "the prompt", request.bos),
         target=request.target,
         distractor=request.distractor,
         logprob=request.logprob,
@@ -99,25 +107,52 @@ def node_request(
     )
 
 
+def table_request(
+    loaded: LoadedModel, request: NodeTableRequest, max_prompt_tokens: int
+) -> NodeRequest:
+    """The `NodeRequest` of a node-table API request."""
+    return node_request(
+        loaded,
+        request,
+        max_prompt_tokens,
+        k=request.k,
+        groups=tuple(request.groups),
+        verify=request.verify,
+        views=request.views,
+        view_nodes=tuple(request.view_nodes),
+    )
+
+
 def node_table_response(
     loaded: LoadedModel, request: NodeTableRequest, max_prompt_tokens: int
 ) -> NodeTableResponse:
     """The node table of a request (every node type, in top-k order: `select_rows` filters
     and sorts it for display, so the cached result serves every filter)."""
-    table = run_request(
-        loaded,
-        node_request(
-            loaded,
-            request,
-            max_prompt_tokens,
-            k=request.k,
-            groups=tuple(request.groups),
-            verify=request.verify,
-            views=request.views,
-            view_nodes=tuple(request.view_nodes),
-        ),
-    )
+    table = run_request(loaded, table_request(loaded, request, max_prompt_tokens))
     return NodeTableResponse.model_validate(table.to_json())
+
+
+def node_table_responses(
+    loaded: LoadedModel, requests: Sequence[NodeTableRequest], max_prompt_tokens: int
+) -> list[NodeTableResponse | TdbError]:
+    """`node_table_response` of each request (or its TdbError), the requests that can share a
+    capture run as one batch (`tdb.table.batch.run_requests`)."""
+    results: list[NodeTableResponse | TdbError] = []
+    todo: list[tuple[int, NodeRequest]] = []
+    for request in requests:
+        try:
+            todo.append((len(results), table_request(loaded, request, max_prompt_tokens)))
+            results.append(TdbError("not run"))  # replaced below
+        except TdbError as e:
+            results.append(e)
+    tables = run_requests(loaded, [r for _, r in todo])
+    for (index, _), table in zip(todo, tables, strict=True):
+        results[index] = (
+            table
+            if isinstance(table, TdbError)
+            else NodeTableResponse.model_validate(table.to_json())
+        )
+    return results
 
 
 def select_rows(

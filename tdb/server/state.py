@@ -5,18 +5,21 @@ Routes reach it through the `get_state` dependency; nothing here is global.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from tdb.checkpoint import LoadedModel
+from tdb.errors import TdbError
 from tdb.server.cache import ResultCache, cache_key
 from tdb.server.schemas import AttributionRequest, CircuitRequest, NodeTableRequest, ViewsRequest
 from tdb.server.service import (
     attribution_response,
     circuit_response,
     node_table_response,
+    node_table_responses,
     views_response,
 )
 from tdb.server.worker import ModelWorker
@@ -42,6 +45,35 @@ class ServerState:
             return await self.worker.run(job)
 
         return await self.cache.get_or_compute(key, compute)
+
+    async def node_tables(
+        self, requests: Sequence[NodeTableRequest]
+    ) -> list[tuple[bytes, bool] | TdbError]:
+        """`node_table` of each request, the uncached ones computed in one job on the worker,
+        in batches where they can share a capture (`node_table_responses`)."""
+        keys = [
+            cache_key("nodes", r.model_dump_json(exclude={"node_types", "sort"})) for r in requests
+        ]
+        results: list[tuple[bytes, bool] | TdbError | None] = []
+        for key in keys:
+            cached = self.cache.get(key)
+            results.append(None if cached is None else (cached, True))
+        todo = [i for i, r in enumerate(results) if r is None]
+
+        def job() -> list[bytes | TdbError]:
+            answers = node_table_responses(
+                self.loaded, [requests[i] for i in todo], self.max_prompt_tokens
+            )
+            return [a if isinstance(a, TdbError) else a.model_dump_json().encode() for a in answers]
+
+        if todo:
+            for i, answer in zip(todo, await self.worker.run(job), strict=True):
+                if isinstance(answer, TdbError):
+                    results[i] = answer
+                else:
+                    self.cache.put(keys[i], answer)
+                    results[i] = (answer, False)
+        return [r for r in results if r is not None]
 
     async def views(self, request: ViewsRequest) -> tuple[bytes, bool]:
         """The token views' JSON, and whether it was cached."""

@@ -65,6 +65,10 @@ class NodeRequest:
       shows SAE latents instead of neurons / heads, `"both"` next to them.
     - `node_types`: only these rows; `sort`: rows ordered by this metric (signed metrics by
       magnitude), instead of the top-k's first-seen order.
+
+    Tokens:
+    - `bos`: start text prompts (all of them) with the BOS token; None (default): when the
+      tokenizer adds one (Llama, Gemma; not GPT-2 or the demo). Token ids are taken as given.
     """
 
     prompt: Prompt
@@ -92,6 +96,7 @@ class NodeRequest:
     groups: Sequence[Metric] = ALL_GROUPS
     node_types: Sequence[NodeType] | None = None
     sort: Metric | None = None
+    bos: bool | None = None
     # Parsed ablations, filled by `checked()` (callers give `ablate`).
     ablations: tuple[Ablation, ...] = field(default=(), repr=False, compare=False)
 

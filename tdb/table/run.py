@@ -94,34 +94,32 @@ def node_table(
     return run_request(loaded, request)
 
 
-def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
-    """The node table a request asks for. See `NodeRequest` for what each field does."""
+def run_request(
+    loaded: LoadedModel, request: NodeRequest, captured: Capture | None = None
+) -> NodeTable:
+    """The node table a request asks for. See `NodeRequest` for what each field does.
+
+    `captured`: the request's main capture, already run (by `tdb.table.batch.run_requests`, in
+    a batch with other requests); the table is then built from it."""
     request = request.checked()
     model, tokenizer = loaded.model, loaded.tokenizer
     n_ctx = model.config.n_ctx
-    tokens = tokenizer.prompt_ids(request.prompt, n_ctx)
+    tokens = tokenizer.prompt_ids(request.prompt, n_ctx, bos=request.bos)
     groups = list(request.groups)
     k = request.k
     attached, shown = resolve_saes(loaded, request.saes, request.mlp_nodes, request.attn_nodes)
-    direction = make_direction(
-        loaded,
-        tokens,
-        request.target,
-        request.distractor,
-        request.position,
-        request.logprob,
-        request.vector,
-        request.trace,
-        request.downstream,
-        attached,
-    )
+    direction = request_direction(loaded, request, tokens, attached)
     ablations = list(request.ablations)
     resample = (
         None
         if request.resample_prompt is None
-        else tokenizer.prompt_ids(request.resample_prompt, n_ctx, "the resample prompt")
+        else tokenizer.prompt_ids(
+            request.resample_prompt, n_ctx, "the resample prompt", request.bos
+        )
     )
-    means = [tokenizer.prompt_ids(p, n_ctx, "a mean prompt") for p in request.mean_prompts]
+    means = [
+        tokenizer.prompt_ids(p, n_ctx, "a mean prompt", request.bos) for p in request.mean_prompts
+    ]
     hooks = (
         ablation_hooks(model, tokens, ablations, resample, means, attached)
         if ablations
@@ -129,7 +127,9 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     )
     compare = None
     if request.compare_prompt is not None:  # checked before any capture runs
-        compare = tokenizer.prompt_ids(request.compare_prompt, n_ctx, "the compare prompt")
+        compare = tokenizer.prompt_ids(
+            request.compare_prompt, n_ctx, "the compare prompt", request.bos
+        )
         if len(compare) != len(tokens):
             raise TdbError(
                 f"--compare-prompt must have the same number of tokens as the prompt: "
@@ -147,7 +147,11 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     ) -> Capture:
         return only(capture(model, tokens, direction, groups, prune_k, hooks, attached), shown)
 
-    main = run(token_tensor, None if request.dense else max(k, request.verify), hooks)
+    main = (
+        run(token_tensor, main_prune_k(request), hooks)
+        if captured is None
+        else only(captured, shown)
+    )
     columns: dict[str, list[float]] = {}
     table_fields: dict[str, object] = {}
     warnings: list[str] = []
@@ -227,6 +231,29 @@ def run_request(loaded: LoadedModel, request: NodeRequest) -> NodeTable:
     if request.node_types is None and request.sort is None:
         return table
     return table.select(request.node_types, request.sort)
+
+
+def request_direction(
+    loaded: LoadedModel, request: NodeRequest, tokens: list[int], saes: Sequence[AttachedSae]
+) -> Direction:
+    """The direction of interest the request names, on the prompt's `tokens`."""
+    return make_direction(
+        loaded,
+        tokens,
+        request.target,
+        request.distractor,
+        request.position,
+        request.logprob,
+        request.vector,
+        request.trace,
+        request.downstream,
+        saes,
+    )
+
+
+def main_prune_k(request: NodeRequest) -> int | None:
+    """The per-layer top k the main capture keeps (None: every node)."""
+    return None if request.dense else max(request.k, request.verify)
 
 
 def inert_ablations(ablations: Sequence[Ablation], store: ScalarStore) -> list[str]:
