@@ -73,19 +73,21 @@ class LayeredBlockBuilder:
             self.layer_shape = tuple(grids[self.groups[0]].shape)
             self.nodes = node_mask(self.node_type, self.layer_shape, self.last_token).flatten()
         assert self.nodes is not None
-        flat = {g: v.flatten() for g, v in grids.items()}
+        # Ranked in float32 on the layer's device; the store holds what is kept, on the CPU.
+        flat = {g: v.flatten().float() for g, v in grids.items()}
+        nodes = self.nodes.to(flat[self.groups[0]].device)
         if self.prune_k is None:  # keep the whole grid; entries that are not nodes become NaN
-            self.layers[layer] = {g: v.masked_fill(~self.nodes, math.nan) for g, v in flat.items()}
+            self.layers[layer] = {g: v.masked_fill(~nodes, math.nan).cpu() for g, v in flat.items()}
             return
-        keep = [ranked(flat[g], self.prune_k, valid=self.nodes) for g in self.groups]
+        keep = [ranked(flat[g], self.prune_k, valid=nodes) for g in self.groups]
         keep += [
-            ranked(flat[g], self.prune_k, largest=False, valid=self.nodes)
+            ranked(flat[g], self.prune_k, largest=False, valid=nodes)
             for g in self.groups
             if is_signed(g)
         ]
         kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
-        self.kept[layer] = kept
-        self.layers[layer] = {g: v[kept] for g, v in flat.items()}
+        self.kept[layer] = kept.cpu()
+        self.layers[layer] = {g: v[kept].cpu() for g, v in flat.items()}
 
     def build(self) -> NodeBlock:
         layers = sorted(self.layers)
@@ -113,7 +115,7 @@ class LatentBlockBuilder:
 
     def add(self, attached: AttachedSae, grids: dict[Metric, Tensor]) -> None:
         d_sae = attached.sae.d_sae
-        flat = {g: v[: self.last_token + 1].flatten() for g, v in grids.items()}
+        flat = {g: v[: self.last_token + 1].flatten().float().cpu() for g, v in grids.items()}
         if self.prune_k is None:
             kept = torch.arange(len(flat[self.groups[0]]))
         else:
@@ -135,6 +137,13 @@ class LatentBlockBuilder:
         coords = torch.cat([c for c, _ in parts])
         values = {g: torch.cat([v[g] for _, v in parts]) for g in self.groups}
         return ListBlock(NodeType.AUTOENCODER_LATENT, coords, values, pruned_k=self.prune_k)
+
+
+def read_on(read: ReadOut, like: Tensor) -> ReadOut:
+    """The read-out on `like`'s device and in its dtype (a device map puts layers elsewhere)."""
+    if read.g.device == like.device and read.g.dtype == like.dtype:
+        return read
+    return ReadOut(read.positions, read.g.to(like.device, like.dtype))
 
 
 def read_out(
@@ -197,13 +206,14 @@ def capture(
         v = saved.pop((HookPoint.V, layer))[0].detach() if reads_values else None
         W_O = model.block(layer).attn.W_O.detach()
         grad = None if grad_probs is None else grad_probs[0]
-        derive(NodeType.ATTENTION_HEAD, AttentionInputs(probs, grad, v, W_O, read[0]), layer)
+        inputs = AttentionInputs(probs, grad, v, W_O, read_on(read[0], W_O))
+        derive(NodeType.ATTENTION_HEAD, inputs, layer)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
         post = saved.pop((HookPoint.MLP_POST, layer))[0].detach()
         W_out = model.block(layer).mlp.W_out.detach()
         grad = None if grad_post is None else grad_post[0]
-        derive(NodeType.MLP_NEURON, MlpInputs(post, grad, W_out, read[0]), layer)
+        derive(NodeType.MLP_NEURON, MlpInputs(post, grad, W_out, read_on(read[0], W_out)), layer)
 
     def finish_latents(point: HookPoint) -> Callable[[int, Tensor | None], None]:
         def finish(layer: int, grad_z: Tensor | None) -> None:
@@ -211,7 +221,7 @@ def capture(
             attached = by_key[(SITE_OF_LATENT_POINT[point], layer)]
             write_dirs = write_directions(model, attached).detach()
             grad = None if grad_z is None else grad_z[0]
-            inputs = LatentInputs(z, grad, write_dirs, read[0])
+            inputs = LatentInputs(z, grad, write_dirs, read_on(read[0], write_dirs))
             with torch.no_grad():
                 grids = {g: metric_function(NodeType.AUTOENCODER_LATENT, g)(inputs) for g in groups}
             latent_builder.add(attached, grids)
@@ -275,13 +285,14 @@ def capture(
         assert layer is not None
         grad = torch.zeros_like(saved[(point, layer)]) if needs_grad else None
         finishers[point](layer, grad)
-    embedding = EmbeddingInputs(resid[0].detach(), grad_resid, read[0])
+    embedding = EmbeddingInputs(resid[0].detach(), grad_resid, read_on(read[0], resid))
     embedding_nodes = node_mask(NodeType.EMBEDDING, (n_pos,), last_token)
     with torch.no_grad():
         embedding_values = {
-            g: metric_function(NodeType.EMBEDDING, g)(embedding).masked_fill(
-                ~embedding_nodes, math.nan
-            )
+            g: metric_function(NodeType.EMBEDDING, g)(embedding)
+            .float()
+            .cpu()
+            .masked_fill(~embedding_nodes, math.nan)
             for g in groups
         }
     blocks: dict[NodeType, NodeBlock] = {
