@@ -343,6 +343,8 @@ def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="heads, neurons, latents, comma-separated (default: all the scan has)",
     )
     explain.add_argument("--explainer", default="builtin", help="builtin (offline; the default)")
+    explain.add_argument("--device", default="auto", help="where the scan's model runs (auto)")
+    explain.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -537,7 +539,9 @@ def run_explain(args: argparse.Namespace) -> None:
     from tdb.explain import explain
 
     kinds = None if args.components is None else [k.strip() for k in args.components.split(",")]
-    result = explain(Path(args.scan), kinds, args.explainer)
+    args.device_map = None  # the explainer's model runs on one device
+    check_device_options(args)
+    result = explain(Path(args.scan), kinds, args.explainer, device=args.device, dtype=args.dtype)
     print(
         f"{result.path}: {result.explained:,} components explained, "
         f"{result.controlled:,} control scores, {result.total:,} rows"

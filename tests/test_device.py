@@ -342,3 +342,26 @@ def test_a_map_over_two_gpus_matches_one(capsys: pytest.CaptureFixture[str]) -> 
     for a, b in zip(one["nodes"], two["nodes"], strict=True):
         assert b["direct_effect"] == pytest.approx(a["direct_effect"], abs=1e-4)
     assert table_json(capsys, "--device-map", "auto")["nodes"]
+
+
+# --- benchmarks/gpu.py ------------------------------------------------------------------------
+
+
+def gpu_benchmark() -> Any:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu
+
+    return gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_gpu_benchmark_stops_at_once_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_benchmark().main(["--tokens", "2048"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_the_gpu_benchmark_runs_a_tiny_model_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_benchmark().main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "node table" in out and "floor" in out and "tokens/s" in out

@@ -63,10 +63,13 @@ def _group_key(key: ComponentKey) -> tuple[str, str | None, int]:
 class Explainer:
     """The built-in explainer's model-side evidence: logit lens, exciting tokens, attention."""
 
-    def __init__(self, data: ScanData, head_windows: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, data: ScanData, head_windows: list[tuple[int, int]], placement: tuple[str, str]
+    ) -> None:
         self.head_windows = head_windows  # (doc_id, window_start) of every head window needed
         identity = data.identity
-        self.loaded: LoadedModel = load_model(identity["model"])
+        device, dtype = placement
+        self.loaded: LoadedModel = load_model(identity["model"], device, dtype)
         self.saes: dict[tuple[str, int], AttachedSae] = {
             (str(a.site), a.layer): a for path in identity.get("saes", []) for a in load_saes(path)
         }
@@ -167,6 +170,8 @@ def explain(
     kinds: list[str] | None = None,
     explainer: str = EXPLAINER,
     progress: Progress | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> ExplainResult:
     """Explain and score every component of the finished scan in `folder` (of these kinds:
     heads, neurons, latents; default all) that lacks a current explanation.
@@ -183,14 +188,16 @@ def explain(
     check_scan(folder)
     try:
         with out_folder.locked(folder):
-            return _explain(folder, node_types, progress)
+            return _explain(folder, node_types, progress, (device, dtype))
     except TdbError as e:
         if "in use by another scan" in str(e):
             raise TdbError(f"--scan {folder} is in use by a scan or another explain run") from None
         raise
 
 
-def _explain(folder: Path, node_types: set[str], progress: Progress | None) -> ExplainResult:
+def _explain(
+    folder: Path, node_types: set[str], progress: Progress | None, placement: tuple[str, str]
+) -> ExplainResult:
     data = read_scan(folder, node_types)
     code_of = {text: code for code, text in enumerate(data.vocab)}
     by_key = {c.key: c for c in data.components}
@@ -207,7 +214,7 @@ def _explain(folder: Path, node_types: set[str], progress: Progress | None) -> E
     explained = 0
     if todo:
         heads = {d for c in todo if c.key[0] == "attention_head" for d in c.explain_top.doc_start}
-        runner = Explainer(data, sorted(heads))
+        runner = Explainer(data, sorted(heads), placement)
         groups: dict[tuple[str, str | None, int], list[ComponentExamples]] = {}
         for c in todo:
             groups.setdefault(_group_key(c.key), []).append(c)
