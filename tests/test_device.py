@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from checkpoints import make_checkpoint as make_gpt2
 from test_architectures import make_checkpoint as make_rotary
+from test_architectures import one_thread  # noqa: F401  (autouse: these models run on one thread)
 from transformers import PreTrainedModel
 
 from tdb.capture import capture
@@ -53,14 +53,6 @@ GRADIENT_TOLERANCE = {"bfloat16": 0.2, "float16": 0.01}
 TOKENS = [5, 17, 99, 150, 3, 17, 42, 8, 77, 5, 120]
 TARGET, DISTRACTOR = 11, 12
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_in(directory: Path, arch: str, dtype: torch.dtype) -> PreTrainedModel:
