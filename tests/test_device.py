@@ -194,6 +194,17 @@ def test_a_map_that_names_the_cpu_for_every_layer_changes_nothing(
     assert loaded.placement.layer_devices == (torch.device("cpu"),) * 3
 
 
+def test_the_server_says_where_its_model_runs() -> None:
+    from fastapi.testclient import TestClient
+
+    from tdb.server.app import create_app
+
+    app = create_app(load_model(dtype="bfloat16"), max_prompt_tokens=64)
+    with TestClient(app, base_url="http://localhost") as client:
+        info = client.get("/api/model").json()
+    assert (info["device"], info["dtype"]) == ("cpu", "bfloat16")
+
+
 def test_layer_list_and_accelerate_plans() -> None:
     assert parse_layer_list("0-1:cuda:0,2:cuda:1", 3) == {0: "cuda:0", 1: "cuda:0", 2: "cuda:1"}
     plan: dict[str, int | str | torch.device] = {"W_E": 0, "blocks.0": 0, "blocks.1": 1, "ln_f": 1}
