@@ -303,7 +303,8 @@ def capture(
             blocks[node_type] = builder.build()
     if latent_builder.parts:
         blocks[NodeType.AUTOENCODER_LATENT] = latent_builder.build()
-    return Capture(ScalarStore(blocks), float(value.detach()), logits.detach())
+    # The logits join the store on the CPU, in float32 (token views rank them there).
+    return Capture(ScalarStore(blocks), float(value.detach()), logits.detach().float().cpu())
 
 
 def direction_value(

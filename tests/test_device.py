@@ -368,3 +368,11 @@ def test_the_gpu_benchmark_runs_a_tiny_model_on_the_cpu(capsys: pytest.CaptureFi
     assert gpu_benchmark().main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "node table" in out and "floor" in out and "tokens/s" in out
+
+
+def test_token_views_in_bfloat16_match_float32(capsys: pytest.CaptureFixture[str]) -> None:
+    """The views unembed write vectors with the float32 norm gain and the bfloat16 unembedding."""
+    half = table_json(capsys, "--dtype", "bfloat16", "--views")["token_views"]
+    full = table_json(capsys, "--views")["token_views"]
+    assert half["logits"]["top"][0]["id"] == full["logits"]["top"][0]["id"]
+    assert [v["id"] for v in half["nodes"]][:3] == [v["id"] for v in full["nodes"]][:3]

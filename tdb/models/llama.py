@@ -155,7 +155,8 @@ class Llama(nn.Module):
         if logit_positions is not None:
             x = x[:, logit_positions]  # [batch logit_pos d_model]
         normed = self.ln_f(x, top).to(self.unembed.device)
-        return top(HookPoint.LOGITS, normed @ self.unembed)
+        logits = top(HookPoint.LOGITS, normed @ self.unembed)
+        return logits.to(self.W_E.device)  # a device map's logits come back to the first device
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------
