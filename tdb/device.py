@@ -31,9 +31,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
-# Our model's top-level weights and which end of the layer stack they sit with.
+# Our model's top-level weights that sit with the first layer (the rest, the final norm and
+# the unembedding, sit with the last).
 FIRST = ("W_E", "W_pos")
-LAST = ("ln_f", "W_U")
 
 
 def cuda_count() -> int:
@@ -143,7 +143,7 @@ class Placement:
 CPU_FLOAT32 = Placement()
 
 
-def parse_layer_list(text: str, n_layer: int) -> dict[int, str]:
+def parse_layer_list(text: str) -> dict[int, str]:
     """`0:cuda:0,1:cuda:0,2:cuda:1` (or `0-1:cpu,2:cpu`): a device per layer."""
     out: dict[int, str] = {}
     for item in text.split(","):
@@ -184,7 +184,7 @@ def layer_devices_from(text: str, n_layer: int) -> tuple[torch.device, ...]:
     path = Path(text).expanduser()
     named = read_map_file(path) if path.suffix == ".json" or path.is_file() else None
     if named is None:
-        named = parse_layer_list(text, n_layer)
+        named = parse_layer_list(text)
     if missing := [layer for layer in range(n_layer) if layer not in named]:
         raise TdbError(
             f"--device-map: names no device for layer {missing[0]} "
