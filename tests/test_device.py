@@ -383,3 +383,24 @@ def test_token_views_in_bfloat16_match_float32(capsys: pytest.CaptureFixture[str
     full = table_json(capsys, "--views")["token_views"]
     assert half["logits"]["top"][0]["id"] == full["logits"]["top"][0]["id"]
     assert [v["id"] for v in half["nodes"]][:3] == [v["id"] for v in full["nodes"]][:3]
+
+
+SECOND = "When Tom and Anna went to the park, Anna gave a ball to"  # as long as the prompt
+HALF_PATHS = [
+    ["--ablate", "h2.3@13:1", "--ablate", "n1.5@13:mean", "--verify", "3"],
+    ["--trace", "h2.1@9:3:q"],
+    ["--trace", "h2.1@9:3:v", "--downstream", "n2.4@9"],
+    ["--mlp-nodes", "latents", "--attn-nodes", "latents", "--ablate", "am1.42@13"],
+    ["--ablate", "h2.3:resample", "--resample-prompt", SECOND],
+]
+
+
+@pytest.mark.parametrize("extra", HALF_PATHS, ids=lambda x: x[0] + x[1])
+def test_ablations_traces_and_latents_run_in_bfloat16(
+    extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every path of the table (ablations, traces, SAE latents, resampling, verification) in
+    bfloat16 gives the float32 direction value within the bfloat16 tolerance."""
+    half = table_json(capsys, "--dtype", "bfloat16", *extra)["direction"]["value"]
+    full = table_json(capsys, *extra)["direction"]["value"]
+    assert half == pytest.approx(full, abs=0.1, rel=TABLE_TOLERANCE["bfloat16"])
