@@ -74,19 +74,21 @@ class LayeredBlockBuilder:
             self.layer_shape = tuple(grids[self.groups[0]].shape)
             self.nodes = node_mask(self.node_type, self.layer_shape, self.last_token).flatten()
         assert self.nodes is not None
-        flat = {g: v.flatten() for g, v in grids.items()}
+        # Ranked in float32 on the layer's device; the store holds what is kept, on the CPU.
+        flat = {g: v.flatten().float() for g, v in grids.items()}
+        nodes = self.nodes.to(flat[self.groups[0]].device)
         if self.prune_k is None:  # keep the whole grid; entries that are not nodes become NaN
-            self.layers[layer] = {g: v.masked_fill(~self.nodes, math.nan) for g, v in flat.items()}
+            self.layers[layer] = {g: v.masked_fill(~nodes, math.nan).cpu() for g, v in flat.items()}
             return
-        keep = [ranked(flat[g], self.prune_k, valid=self.nodes) for g in self.groups]
+        keep = [ranked(flat[g], self.prune_k, valid=nodes) for g in self.groups]
         keep += [
-            ranked(flat[g], self.prune_k, largest=False, valid=self.nodes)
+            ranked(flat[g], self.prune_k, largest=False, valid=nodes)
             for g in self.groups
             if is_signed(g)
         ]
         kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
-        self.kept[layer] = kept
-        self.layers[layer] = {g: v[kept] for g, v in flat.items()}
+        self.kept[layer] = kept.cpu()
+        self.layers[layer] = {g: v[kept].cpu() for g, v in flat.items()}
 
     def build(self) -> NodeBlock:
         layers = sorted(self.layers)
@@ -114,7 +116,7 @@ class LatentBlockBuilder:
 
     def add(self, attached: AttachedSae, grids: dict[Metric, Tensor]) -> None:
         d_sae = attached.sae.d_sae
-        flat = {g: v[: self.last_token + 1].flatten() for g, v in grids.items()}
+        flat = {g: v[: self.last_token + 1].flatten().float().cpu() for g, v in grids.items()}
         if self.prune_k is None:
             kept = torch.arange(len(flat[self.groups[0]]))
         else:
@@ -136,6 +138,13 @@ class LatentBlockBuilder:
         coords = torch.cat([c for c, _ in parts])
         values = {g: torch.cat([v[g] for _, v in parts]) for g in self.groups}
         return ListBlock(NodeType.AUTOENCODER_LATENT, coords, values, pruned_k=self.prune_k)
+
+
+def read_on(read: ReadOut, like: Tensor) -> ReadOut:
+    """The read-out on `like`'s device and in its dtype (a device map puts layers elsewhere)."""
+    if read.g.device == like.device and read.g.dtype == like.dtype:
+        return read
+    return ReadOut(read.positions, read.g.to(like.device, like.dtype))
 
 
 def read_out(
@@ -266,14 +275,18 @@ def capture_batch(
         W_O = model.block(layer).attn.W_O.detach()
         for row, n in zip(rows, lengths, strict=True):
             grad = None if grad_probs is None else grad_probs[row, :, :n, :n]
-            inputs = AttentionInputs(probs[row, :, :n, :n], grad, rows_of(v, row), W_O, read[row])
+            inputs = AttentionInputs(
+                probs[row, :, :n, :n], grad, rows_of(v, row), W_O, read_on(read[row], W_O)
+            )
             derive(row, NodeType.ATTENTION_HEAD, inputs, layer)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
         post = saved.pop((HookPoint.MLP_POST, layer)).detach()
         W_out = model.block(layer).mlp.W_out.detach()
         for row in rows:
-            inputs = MlpInputs(post[row, : lengths[row]], rows_of(grad_post, row), W_out, read[row])
+            inputs = MlpInputs(
+                post[row, : lengths[row]], rows_of(grad_post, row), W_out, read_on(read[row], W_out)
+            )
             derive(row, NodeType.MLP_NEURON, inputs, layer)
 
     def finish_latents(point: HookPoint) -> Callable[[int, Tensor | None], None]:
@@ -283,7 +296,8 @@ def capture_batch(
             write_dirs = write_directions(model, attached).detach()
             for row in rows:
                 z_row = z[row, : lengths[row]]
-                inputs = LatentInputs(z_row, rows_of(grad_z, row), write_dirs, read[row])
+                read_row = read_on(read[row], write_dirs)
+                inputs = LatentInputs(z_row, rows_of(grad_z, row), write_dirs, read_row)
                 with torch.no_grad():
                     grids = {
                         g: metric_function(NodeType.AUTOENCODER_LATENT, g)(inputs) for g in groups
@@ -364,14 +378,15 @@ def capture_batch(
     captures = []
     for row, n_pos, last_token in zip(rows, lengths, last_tokens, strict=True):
         embedding = EmbeddingInputs(
-            resid[row, :n_pos].detach(), rows_of(grad_resid, row), read[row]
+            resid[row, :n_pos].detach(), rows_of(grad_resid, row), read_on(read[row], resid)
         )
         embedding_nodes = node_mask(NodeType.EMBEDDING, (n_pos,), last_token)
         with torch.no_grad():
             embedding_values = {
-                g: metric_function(NodeType.EMBEDDING, g)(embedding).masked_fill(
-                    ~embedding_nodes, math.nan
-                )
+                g: metric_function(NodeType.EMBEDDING, g)(embedding)
+                .float()
+                .cpu()
+                .masked_fill(~embedding_nodes, math.nan)
                 for g in groups
             }
         blocks: dict[NodeType, NodeBlock] = {
@@ -382,7 +397,8 @@ def capture_batch(
                 blocks[node_type] = builder.build()
         if latent_builders[row].parts:
             blocks[NodeType.AUTOENCODER_LATENT] = latent_builders[row].build()
-        row_logits = logits[row, positions.index(directions[row].position)].detach()
+        # The logits join the store on the CPU, in float32 (token views rank them there).
+        row_logits = logits[row, positions.index(directions[row].position)].detach().float().cpu()
         captures.append(Capture(ScalarStore(blocks), float(values[row].detach()), row_logits))
     return captures
 

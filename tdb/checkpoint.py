@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tdb.activation_cache import CachePoints, HooksArg, Prompts, RunResult, run_with_cache
+from tdb.device import (
+    CPU_FLOAT32,
+    DTYPES,
+    FIRST,
+    Placement,
+    dtype_name,
+    resolve_placement,
+)
 from tdb.errors import TdbError, reason
 from tdb.models import gpt2, llama, neox
 from tdb.models.base import ModelConfig, TransformerModel
@@ -50,6 +58,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     path: Path
+    placement: Placement = CPU_FLOAT32  # where the weights are and in which dtype
 
     def run(
         self,
@@ -121,10 +130,20 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     )
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of one safetensors file, or a TdbError saying why it cannot be read."""
+# What reading does to each tensor as it comes off the file: (its name, the tensor) -> kept.
+Convert = Callable[[str, Tensor], Tensor]
+
+
+def as_read(name: str, tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def read_safetensors(path: Path, convert: Convert = as_read) -> dict[str, Tensor]:
+    """Every tensor of one safetensors file, each passed through `convert` as soon as it is
+    read (so only one tensor at a time is held in the file's dtype), or a TdbError."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {name: convert(name, f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise TdbError(f"{path}: not a readable safetensors file ({reason(e)})") from None
 
@@ -169,31 +188,79 @@ def read_pickled_weights(path: Path) -> dict[str, Tensor]:
     return weights
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by its name there, as float32."""
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: one safetensors file, the shards of an index, or a
+    `pytorch_model.bin`."""
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
-        weights = read_safetensors(directory / "model.safetensors")
-    elif index.is_file():  # sharded: the index maps each tensor to its file
+        return [directory / "model.safetensors"]
+    if index.is_file():  # sharded: the index maps each tensor to its file
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise TdbError(f"{index}: not a safetensors index ({reason(e)})") from None
-        weights = {}
         for shard in shards:
             if not isinstance(shard, str) or not (directory / shard).is_file():
                 raise TdbError(f"{index}: names shard {shard!r}, which is not in {directory}")
-            weights |= read_safetensors(directory / shard)
-    elif (directory / "pytorch_model.bin").is_file():
-        weights = read_pickled_weights(directory / "pytorch_model.bin")
-    else:
-        raise TdbError(
-            f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-        )
-    for name, tensor in weights.items():
-        if tensor.is_complex():  # float() would drop the imaginary part
+        return [directory / shard for shard in shards]
+    if (directory / "pytorch_model.bin").is_file():
+        return [directory / "pytorch_model.bin"]
+    raise TdbError(
+        f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def read_weights(directory: Path, convert: Convert | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its name there, each passed through `convert` as it
+    is read (default: to float32 on the CPU)."""
+
+    def checked(name: str, tensor: Tensor) -> Tensor:
+        if tensor.is_complex():  # a cast would drop the imaginary part
             raise TdbError(f"{directory}: tensor {name} holds complex numbers ({tensor.dtype})")
-    return {k: v.float() for k, v in weights.items()}
+        return tensor.float() if convert is None else convert(name, tensor)
+
+    weights: dict[str, Tensor] = {}
+    for path in weight_files(directory):
+        if path.suffix == ".bin":
+            weights |= {k: checked(k, v) for k, v in read_pickled_weights(path).items()}
+        else:
+            weights |= read_safetensors(path, checked)
+    return weights
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def stored_dtype(directory: Path, hf: HFConfig) -> torch.dtype:
+    """The checkpoint's dtype: config.json's `torch_dtype` (transformers 5: `dtype`), else the
+    first floating tensor's in the (first) safetensors file; float32 if neither says."""
+    for key in ("dtype", "torch_dtype"):
+        value = hf.get(key)
+        if isinstance(value, str) and value in DTYPES:
+            return DTYPES[value]
+    path = weight_files(directory)[0]
+    if path.suffix == ".bin":
+        return torch.float32
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                kind = f.get_slice(name).get_dtype()
+                if kind in SAFETENSORS_DTYPES:
+                    return SAFETENSORS_DTYPES[kind]
+    except (SafetensorError, OSError) as e:
+        raise TdbError(f"{path}: not a readable safetensors file ({reason(e)})") from None
+    return torch.float32
+
+
+# Checkpoint tensors outside the layers that belong with the embedding (the rest of them, the
+# final norm and the unembedding, go with the last layer).
+EMBEDDING_KEY = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|wpe)\.")
+
+
+def is_norm(name: str) -> bool:
+    """Our norms' gains and biases (`ln_1`, `ln_2`, `ln_f`): kept in float32 in every dtype,
+    where they are applied (tdb.models.layers) and where Gemma's 1 + w is formed."""
+    return name.startswith("ln_") or ".ln_" in name
 
 
 def check_layers(weights: dict[str, Tensor], n_layer: int, where: Path) -> None:
@@ -234,10 +301,32 @@ class Architecture(Generic[ConfigT]):
     state_dict_from_hf: Callable[[dict[str, Tensor], ConfigT], dict[str, Tensor]]
     model: Callable[[ConfigT], TransformerModel]
 
-    def load(self, hf: HFConfig, directory: Path) -> tuple[TransformerModel, int]:
-        """The model with the checkpoint's weights, and its vocabulary size."""
+    def load(
+        self, hf: HFConfig, directory: Path, placement: Placement = CPU_FLOAT32
+    ) -> tuple[TransformerModel, Placement]:
+        """The model with the checkpoint's weights, each tensor read straight to its device in
+        its dtype (no float32 copy of the whole model on the way), and where it went."""
         config = self.config_from_hf(hf)
-        weights = read_weights(directory)
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = self.model(config)
+        assert isinstance(model, nn.Module)
+        dtype = placement.dtype_for(stored_dtype(directory, hf))
+        placed = resolve_placement(placement, model, config.n_layer, dtype)
+        n_layer = config.n_layer
+
+        def device_of_checkpoint_tensor(name: str) -> torch.device:
+            match = LAYER_KEY.search(name)
+            if match is not None and int(match.group(1)) < n_layer:
+                return placed.device_of(int(match.group(1)), n_layer)
+            return placed.device_of(None, n_layer, last=EMBEDDING_KEY.search(name) is None)
+
+        def convert(name: str, tensor: Tensor) -> Tensor:
+            # Vectors (biases, norm gains) in float32 until converted to our layout: Gemma's
+            # gain 1 + w is formed in float32, as transformers does. They are small.
+            kept = torch.float32 if tensor.ndim <= 1 else dtype
+            return tensor.to(device_of_checkpoint_tensor(name), kept)
+
+        weights = read_weights(directory, convert)
         # The weights are checked against config.json before the model is built from it.
         check_layers(weights, config.n_layer, directory)
         try:
@@ -247,9 +336,11 @@ class Architecture(Generic[ConfigT]):
         # A tensor of the wrong shape or rank for config.json, while reshaping it to ours.
         except (RuntimeError, IndexError) as e:
             raise TdbError(f"{directory}: weights do not match config.json: {reason(e)}") from None
-        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-            model = self.model(config)
-        assert isinstance(model, nn.Module)
+        del weights
+        state_dict = {
+            k: v.to(our_device(placed, k, n_layer), torch.float32 if is_norm(k) else dtype)
+            for k, v in state_dict.items()
+        }
         if mismatches := shape_mismatches(model, state_dict):
             more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
             raise TdbError(f"{directory}: weights do not match config.json: {mismatches[0]}{more}")
@@ -258,7 +349,16 @@ class Architecture(Generic[ConfigT]):
         except RuntimeError as e:
             raise TdbError(f"{directory}: weights do not match config.json: {reason(e)}") from None
         model.requires_grad_(False).eval()
-        return model, model.config.d_vocab
+        return model, placed
+
+
+def our_device(placed: Placement, name: str, n_layer: int) -> torch.device:
+    """The device of one of our model's weights: its layer's, or the embedding's (first) or
+    the final norm's and unembedding's (last)."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match is not None:
+        return placed.device_of(int(match.group(1)), n_layer)
+    return placed.device_of(None, n_layer, last=name not in FIRST)
 
 
 # config.json's model_type -> architecture. Adding one: docs/architectures.md.
@@ -286,12 +386,27 @@ def read_json_object(path: Path) -> dict[str, object]:
     return values
 
 
-def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
-    """Load a checkpoint directory, a cached model name, or (None) the demo model.
+def load_model(
+    name_or_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint directory, a cached model name, or (None) the demo model, onto
+    `device` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) in `dtype` (`auto`: the checkpoint's on
+    an accelerator, float32 on the CPU; `float32`, `bfloat16`, `float16`). `device_map`
+    (`auto`, a JSON file or `LAYER:DEVICE,...`) spreads the layers over devices
+    (docs/performance.md).
 
     >>> loaded = load_model("gpt2")  # from ~/.cache/huggingface, never the network
     >>> logits = loaded.model(torch.tensor([loaded.tokenizer.encode("Hello")]))
+    >>> big = load_model("path/to/llama", device="cuda", dtype="bfloat16")
     """
+    placement = Placement.parse(
+        str(device),
+        dtype if isinstance(dtype, str) else dtype_name(dtype),
+        device_map,
+    )
     directory = resolve_checkpoint(name_or_path)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -303,9 +418,11 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
             f"{directory}: unsupported architecture {model_type!r} "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    model, d_vocab = ARCHITECTURES[model_type].load(HFConfig(values, config_file), directory)
+    architecture = ARCHITECTURES[model_type]
+    model, placed = architecture.load(HFConfig(values, config_file), directory, placement)
     name = str(name_or_path) if name_or_path is not None else "demo"
-    return LoadedModel(model, Tokenizer.from_dir(directory, d_vocab), name, directory)
+    tokenizer = Tokenizer.from_dir(directory, model.config.d_vocab)
+    return LoadedModel(model, tokenizer, name, directory, placed)
 
 
 def save_checkpoint(model: gpt2.GPT2, directory: Path, dtype: torch.dtype = torch.float32) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from tdb.errors import TdbError
 
 if TYPE_CHECKING:
+    from tdb.checkpoint import LoadedModel
     from tdb.table.request import NodeRequest
 
 E = TypeVar("E", bound=Enum)
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of the top-k's order (e.g. direct_effect)",
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
+    add_device_options(nodes)
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
     nodes.add_argument(
         "--bos",
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "API (/api/..., schema at /openapi.json).",
     )
     serve.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
+    add_device_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", default="8000", help="port (default 8000)")
     serve.add_argument(
@@ -175,6 +178,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_device_options(command: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --device-map: where the model runs (docs/performance.md)."""
+    command.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: CUDA if there is one, else MPS, else the CPU), cpu, cuda, cuda:N, mps",
+    )
+    command.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (default: the checkpoint's on a GPU, float32 on the CPU), float32, bfloat16, "
+        "float16",
+    )
+    command.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread the layers over devices: auto (accelerate's plan over the visible GPUs), "
+        "a JSON file of layer -> device, or LAYER:DEVICE,... (e.g. 0-11:cuda:0,12-23:cuda:1)",
+    )
+
+
+def load_with_device_options(args: argparse.Namespace) -> LoadedModel:
+    """`load_model(args.model)` where --device, --dtype and --device-map say."""
+    from tdb.checkpoint import load_model
+
+    return load_model(args.model, args.device, args.dtype, args.device_map)
+
+
+def check_device_options(args: argparse.Namespace) -> None:
+    """Bad --device / --dtype answer before anything loads (the map needs the model)."""
+    from tdb.device import Placement
+
+    Placement.parse(args.device, args.dtype, args.device_map)
+
+
 def add_pair_options(command: argparse.ArgumentParser) -> None:
     """The dataset and the options `tdb attribute` and `tdb circuit` share."""
     command.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
@@ -197,6 +235,7 @@ def add_pair_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--model", help="checkpoint directory or cached model name (default: demo)"
     )
+    add_device_options(command)
     command.add_argument("--json", action="store_true", help="print the result as JSON")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -278,6 +317,7 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     scan.add_argument("--out", required=True, help="output folder (resumed if it holds this scan)")
     scan.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
+    add_device_options(scan)
     scan.add_argument("-k", default="20", help="top examples (and random ones) per component")
     scan.add_argument("--window", default="64", help="tokens per window")
     scan.add_argument("--batch-size", default="32", help="windows per forward pass")
@@ -336,6 +376,8 @@ def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action="store_true",
         help="--explainer llm: also a control score (one more request per component)",
     )
+    explain.add_argument("--device", default="auto", help="where the scan's model runs (auto)")
+    explain.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -409,11 +451,11 @@ def nodes_request(args: argparse.Namespace) -> NodeRequest:
 
 def run_nodes(args: argparse.Namespace) -> None:
     request = nodes_request(args)
+    check_device_options(args)
 
-    from tdb.checkpoint import load_model  # imported late: --help and bad flags answer at once
-    from tdb.table import run_request
+    from tdb.table import run_request  # imported late: --help and bad flags answer at once
 
-    loaded = load_model(args.model)
+    loaded = load_with_device_options(args)
     table = run_request(loaded, request)
     for warning in table.warnings:
         print(f"tdb: warning: {warning}", file=sys.stderr)
@@ -434,13 +476,14 @@ def run_serve(args: argparse.Namespace) -> None:
     queue_size = parse_int(args.queue_size, "--queue-size", minimum=0)
     cache_size = parse_int(args.cache_size, "--cache-size", minimum=0)
 
+    check_device_options(args)
+
     import uvicorn
 
-    from tdb.checkpoint import load_model
     from tdb.server.app import create_app
 
     # Load before binding: a bad --model stops here with its message, and no server starts.
-    loaded = load_model(args.model)
+    loaded = load_with_device_options(args)
     routers = []
     if args.scan is not None:
         from tdb.scan.routes import scan_router
@@ -510,7 +553,11 @@ def run_scan(args: argparse.Namespace) -> None:
         shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
         seed=parse_int(args.seed, "--seed", minimum=0),
         saes=tuple(args.sae) + (demo_sae_dir(args.model) if args.latents else ()),
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
+    check_device_options(args)
     corpus = Path(args.corpus) if args.corpus else DEMO_CORPUS
     if args.quiet:
         result = scan(corpus, Path(args.out), settings, ray_address=args.ray)
@@ -530,6 +577,8 @@ def run_explain(args: argparse.Namespace) -> None:
     from tdb.explain.llm_client import LlmConfig
 
     kinds = None if args.components is None else [k.strip() for k in args.components.split(",")]
+    args.device_map = None  # the explainer's model runs on one device
+    check_device_options(args)
     llm = None
     if args.explainer == "llm" and (args.llm_url is None or args.llm_model is None):
         raise TdbError("--explainer llm: needs --llm-url URL and --llm-model NAME")
@@ -543,7 +592,9 @@ def run_explain(args: argparse.Namespace) -> None:
         )
     elif args.llm_url is not None or args.llm_model is not None or args.llm_control:
         raise TdbError("--llm-url, --llm-model, --llm-control: only with --explainer llm")
-    result = explain(Path(args.scan), kinds, args.explainer, llm=llm)
+    result = explain(
+        Path(args.scan), kinds, args.explainer, llm=llm, device=args.device, dtype=args.dtype
+    )
     print(
         f"{result.path}: {result.explained:,} components explained, "
         f"{result.controlled:,} control scores, {result.total:,} rows"
@@ -587,10 +638,11 @@ def run_attribute(args: argparse.Namespace) -> None:
         saes=tuple(args.sae),
     )
 
-    from tdb.checkpoint import load_model
+    check_device_options(args)
+
     from tdb.render import AttributionProgressBar, print_attribution
 
-    loaded = load_model(args.model)
+    loaded = load_with_device_options(args)
     with AttributionProgressBar(quiet=args.quiet) as bar:
         result = run_attribution(loaded, args.dataset, options, bar)
     if args.json:
@@ -628,11 +680,12 @@ def run_circuit(args: argparse.Namespace) -> None:
         batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
     )
 
-    from tdb.checkpoint import load_model
+    check_device_options(args)
+
     from tdb.circuit import find_circuit
     from tdb.render import AttributionProgressBar, print_circuit
 
-    loaded = load_model(args.model)
+    loaded = load_with_device_options(args)
     with AttributionProgressBar(quiet=args.quiet) as bar:
         circuit = find_circuit(
             loaded,

@@ -45,6 +45,14 @@ LATENT_POINTS = {site: site.latent_point for site in LatentSite}
 SITE_OF_LATENT_POINT = {point: site for site, point in LATENT_POINTS.items()}
 
 
+def place_saes(saes: Sequence[AttachedSae], model: TransformerModel) -> None:
+    """Move each SAE (in place) to its layer's device and the model's dtype, so it runs on
+    the activations where the forward pass has them."""
+    for attached in saes:
+        W_O = model.block(attached.layer).attn.W_O
+        attached.sae.to(device=W_O.device, dtype=model.unembed.dtype)
+
+
 def check_saes(
     saes: Sequence[AttachedSae], config: ModelConfig
 ) -> dict[tuple[LatentSite, int], AttachedSae]:
@@ -160,6 +168,7 @@ def resolve_saes(
             )
         attached += [a for a in load_saes(DEMO_SAE_DIR) if reads(a)]
     check_saes(attached, loaded.model.config)
+    place_saes(attached, loaded.model)
     shown = {NodeType.EMBEDDING}
     if mlp_nodes != "latents":
         shown.add(NodeType.MLP_NEURON)

@@ -115,7 +115,7 @@ def values_or_fail(v: Tensor | None) -> Tensor:
 
 
 def embedding_activation(x: EmbeddingInputs) -> Tensor:
-    return torch.ones(x.resid.shape[0], dtype=x.resid.dtype)
+    return torch.ones(x.resid.shape[0], dtype=x.resid.dtype, device=x.resid.device)
 
 
 def embedding_write_norm(x: EmbeddingInputs) -> Tensor:

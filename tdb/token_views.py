@@ -156,6 +156,16 @@ def write_vector(
     return WRITE_VECTORS[node.node_type](model, tokens, node, saes)
 
 
+def unembedded(
+    model: TransformerModel, writes: Float[Tensor, "*n d_model"]
+) -> Float[Tensor, "*n d_vocab"]:
+    """Write vectors through the final norm's gain and the unembedding, in float32 on the
+    CPU (the gain is kept in float32 and the unembedding in the model's dtype and device)."""
+    unembed = model.unembed
+    scaled = writes.float() * model.ln_f.w.float().to(writes.device)
+    return (scaled.to(unembed.device, unembed.dtype) @ unembed).float().cpu()
+
+
 def node_view(
     model: TransformerModel,
     tokenizer: Tokenizer,
@@ -168,7 +178,7 @@ def node_view(
     layer norm's gain and the unembedding, mean-centred) and, for an MLP neuron or an SAE
     latent, the prompt's tokens ranked by its activation."""
     write = write_vector(model, tokens, node, saes)
-    scores = (write * model.ln_f.w) @ model.unembed  # [d_vocab]
+    scores = unembedded(model, write)  # [d_vocab]
     scores = scores - scores.mean()
     view: dict[str, object] = {
         "id": node.id,

@@ -606,9 +606,10 @@ def attached_saes(
         attached = load_saes(DEMO_SAE_DIR)
     if not attached:
         raise TdbError("--components latents: needs sparse autoencoders (--sae DIR_OR_FILE)")
-    from tdb.latents import check_saes
+    from tdb.latents import check_saes, place_saes
 
     check_saes(attached, loaded.model.config)
+    place_saes(attached, loaded.model)
     return attached
 
 

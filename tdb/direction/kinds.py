@@ -87,7 +87,8 @@ def final_logits(
     model: TransformerModel, resid: Tensor, position: int
 ) -> Float[Tensor, " d_vocab"]:
     normed: Tensor = model.ln_f(resid[position][None, None], FROZEN_SCALES)[0, 0]
-    return normed @ model.unembed
+    # The logits in float32 (whatever the model's dtype) for the direction's mean or softmax.
+    return (normed.to(model.unembed.device) @ model.unembed).float()
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class ResidualDirection:
         return (self.position,)
 
     def read(self, model: TransformerModel, resid: Tensor) -> Tensor:
-        return resid[self.position] @ self.vector
+        return resid[self.position].float() @ self.vector.to(resid.device, torch.float32)
 
     def to_json(self) -> dict[str, object]:
         return {"kind": self.kind, "vector": self.name, "position": self.position}
@@ -273,7 +274,7 @@ class HeadValueWrite:
         block = model.block(self.layer)
         x_key = block.ln_1(resid[self.key][None, None], FROZEN_SCALES)[0, 0]
         write = self.prob * block.attn.head_value(x_key, self.head) @ block.attn.W_O[self.head]
-        return write @ self.downstream_grad
+        return write.float() @ self.downstream_grad.to(write.device, torch.float32)
 
     def to_json(self) -> dict[str, object]:
         node = f"h{self.layer}.{self.head}@{self.query}:{self.key}"

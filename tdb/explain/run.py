@@ -73,10 +73,13 @@ def _group_key(key: ComponentKey) -> tuple[str, str | None, int]:
 class Explainer:
     """The built-in explainer's model-side evidence: logit lens, exciting tokens, attention."""
 
-    def __init__(self, data: ScanData, head_windows: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, data: ScanData, head_windows: list[tuple[int, int]], placement: tuple[str, str]
+    ) -> None:
         self.head_windows = head_windows  # (doc_id, window_start) of every head window needed
         identity = data.identity
-        self.loaded: LoadedModel = load_model(identity["model"])
+        device, dtype = placement
+        self.loaded: LoadedModel = load_model(identity["model"], device, dtype)
         self.saes: dict[tuple[str, int], AttachedSae] = {
             (str(a.site), a.layer): a for path in identity.get("saes", []) for a in load_saes(path)
         }
@@ -178,6 +181,8 @@ def explain(
     explainer: str = EXPLAINER,
     progress: Progress | None = None,
     llm: LlmConfig | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> ExplainResult:
     """Explain and score every component of the finished scan in `folder` (of these kinds:
     heads, neurons, latents; default all) that lacks a current explanation: with the built-in
@@ -200,11 +205,16 @@ def explain(
     node_types = {KINDS[k] for k in kinds or KINDS}
     check_scan(folder)
     with out_folder.locked(folder, command="tdb explain", flag="--scan"):
-        return _explain(folder, node_types, progress, llm if explainer == "llm" else None)
+        llm_config = llm if explainer == "llm" else None
+        return _explain(folder, node_types, progress, llm_config, (device, dtype))
 
 
 def _explain(
-    folder: Path, node_types: set[str], progress: Progress | None, llm: LlmConfig | None
+    folder: Path,
+    node_types: set[str],
+    progress: Progress | None,
+    llm: LlmConfig | None,
+    placement: tuple[str, str],
 ) -> ExplainResult:
     data = read_scan(folder, node_types)
     code_of = {text: code for code, text in enumerate(data.vocab)}
@@ -244,7 +254,7 @@ def _explain(
     explained = 0
     if todo:
         heads = {d for c in todo if c.key[0] == "attention_head" for d in c.explain_top.doc_start}
-        runner = Explainer(data, sorted(heads))
+        runner = Explainer(data, sorted(heads), placement)
         groups: dict[tuple[str, str | None, int], list[ComponentExamples]] = {}
         for c in todo:
             groups.setdefault(_group_key(c.key), []).append(c)

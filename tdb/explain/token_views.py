@@ -14,6 +14,7 @@ from tdb.hooks import NO_HOOKS
 from tdb.latents import write_directions
 from tdb.models.base import TransformerModel
 from tdb.sae import AttachedSae
+from tdb.token_views import unembedded
 from tdb.tokens import Tokenizer
 
 N_VIEW = 5
@@ -36,7 +37,7 @@ def logit_lens(
     >>> promotes, suppresses = logit_lens(model, model.block(1).mlp.W_out, tokenizer)
     """
     with torch.no_grad():
-        scores = (writes * model.ln_f.w) @ model.unembed  # [component d_vocab]
+        scores = unembedded(model, writes)  # [component d_vocab]
         scores = scores - scores.mean(dim=1, keepdim=True)
     return _top_texts(scores, tokenizer, True), _top_texts(scores, tokenizer, False)
 

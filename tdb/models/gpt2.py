@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks
 from tdb.models.hf import HFConfig
-from tdb.models.layers import ACTIVATIONS, MLP, Attention, LayerNorm, causal_mask
+from tdb.models.layers import ACTIVATIONS, MLP, Attention, LayerNorm, causal_mask, device_of
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,12 @@ class GPT2(nn.Module):
         skipping the embedding and the blocks before: patching one layer needs no earlier one.
         """
         batch, n_pos = tokens.shape
+        tokens = tokens.to(self.W_E.device)  # callers may pass CPU tensors
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
-        mask = causal_mask(n_pos, None, attention_mask, tokens.device)
+        position_ids = position_ids.to(tokens.device)
+        mask_in = None if attention_mask is None else attention_mask.to(tokens.device)
+        mask = causal_mask(n_pos, None, mask_in, tokens.device)
 
         top = hooks.at_layer(None)  # the hooks outside any layer
         if resume is None:
@@ -149,11 +152,14 @@ class GPT2(nn.Module):
         for layer, block in enumerate(self.blocks):
             if layer < start:
                 continue
-            x = block(x, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
+            device = device_of(block)  # a device map's layer boundary: move the stream along
+            x = block(x.to(device), mask.to(device), hooks.at_layer(layer))
+        x = top(HookPoint.RESID_FINAL, x.to(self.ln_f.w.device))
         if logit_positions is not None:
             x = x[:, logit_positions]  # [batch logit_pos d_model]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        normed = self.ln_f(x, top).to(self.unembed.device)
+        logits = top(HookPoint.LOGITS, normed @ self.unembed)
+        return logits.to(self.W_E.device)  # a device map's logits come back to the first device
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------

@@ -47,6 +47,11 @@ def zeros(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape))
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights are (one layer of a device map sits on one device)."""
+    return next(module.parameters()).device
+
+
 class LayerNorm(nn.Module):
     """Layer norm whose scale 1/sqrt(var + eps) is a hook point, so it can be read or frozen."""
 
@@ -60,10 +65,12 @@ class LayerNorm(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
     ) -> Float[Tensor, "batch pos d_model"]:
-        centred = x - x.mean(dim=-1, keepdim=True)
+        # In float32 whatever the model's dtype, as transformers does; the result is cast back.
+        x32 = x.float()
+        centred = x32 - x32.mean(dim=-1, keepdim=True)
         scale = (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt()  # [batch pos 1]
         scale = hooks(self.scale_point, scale)
-        return centred * scale * self.w + self.b
+        return (centred * scale * self.w.float() + self.b.float()).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -81,9 +88,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], hooks: Hooks
     ) -> Float[Tensor, "batch pos d_model"]:
-        scale = (x.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt()  # [batch pos 1]
+        x32 = x.float()  # in float32 whatever the model's dtype, cast back at the end
+        scale = (x32.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt()  # [batch pos 1]
         scale = hooks(self.scale_point, scale)
-        return x * scale * self.w
+        return (x32 * scale * self.w.float()).to(x.dtype)
 
 
 # --- rotary position embeddings --------------------------------------------------------------
@@ -140,13 +148,21 @@ class Rotary:
         angles = position_ids[..., None].float() * inv_freq  # [batch pos half_rotary]
         return Rotary(angles.cos(), angles.sin())
 
+    def to(self, device: torch.device) -> Rotary:
+        """The same rotations on `device` (a device map's layer boundary)."""
+        return (
+            self if self.cos.device == device else Rotary(self.cos.to(device), self.sin.to(device))
+        )
+
     def rotate(
         self, x: Float[Tensor, "batch pos head d_head"]
     ) -> Float[Tensor, "batch pos head d_head"]:
         """Turn each pair (x[i], x[i + half]) by its angle; dims past the rotary part pass."""
         half = self.cos.shape[-1]
         x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-        cos, sin = self.cos[:, :, None], self.sin[:, :, None]  # [batch pos 1 half_rotary]
+        # Angles in float32, the product in the model's dtype (as transformers does).
+        cos = self.cos[:, :, None].to(x.dtype)  # [batch pos 1 half_rotary]
+        sin = self.sin[:, :, None].to(x.dtype)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
@@ -228,7 +244,9 @@ class Attention(nn.Module):
         logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
         logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = hooks(HookPoint.ATTN_PROBS, logits.softmax(dim=-1))
+        # The softmax in float32 whatever the model's dtype, as transformers does.
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype)
+        probs = hooks(HookPoint.ATTN_PROBS, probs)
         z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
 

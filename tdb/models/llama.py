@@ -30,6 +30,7 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
+    device_of,
     normal,
 )
 
@@ -126,28 +127,36 @@ class Llama(nn.Module):
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
         """Logits at `logit_positions` (default every position); see `GPT2.forward`."""
         batch, n_pos = tokens.shape
+        tokens = tokens.to(self.W_E.device)  # callers may pass CPU tensors
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
+        position_ids = position_ids.to(tokens.device)
+        mask_in = None if attention_mask is None else attention_mask.to(tokens.device)
         rotary = Rotary.at(position_ids, self.config.rope)
         windows = {self.config.window(layer) for layer in range(self.config.n_layer)}
-        masks = {w: causal_mask(n_pos, w, attention_mask, tokens.device) for w in windows}
+        masks = {w: causal_mask(n_pos, w, mask_in, tokens.device) for w in windows}
 
         top = hooks.at_layer(None)  # the hooks outside any layer
         if resume is None:
             token_embed = top(HookPoint.TOKEN_EMBED, self.W_E[tokens])
-            x = top(HookPoint.RESID_EMBED, token_embed * self.config.embed_scale)
+            # The scale in the model's dtype, as transformers multiplies by it.
+            scale = torch.tensor(self.config.embed_scale, dtype=token_embed.dtype)
+            x = top(HookPoint.RESID_EMBED, token_embed * scale.to(token_embed.device))
             start = 0
         else:
             start, x = resume
         for layer, block in enumerate(self.blocks):
             if layer < start:
                 continue
-            mask = masks[self.config.window(layer)]
-            x = block(x, rotary, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
+            device = device_of(block)  # a device map's layer boundary: move the stream along
+            mask = masks[self.config.window(layer)].to(device)
+            x = block(x.to(device), rotary.to(device), mask, hooks.at_layer(layer))
+        x = top(HookPoint.RESID_FINAL, x.to(self.ln_f.w.device))
         if logit_positions is not None:
             x = x[:, logit_positions]  # [batch logit_pos d_model]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        normed = self.ln_f(x, top).to(self.unembed.device)
+        logits = top(HookPoint.LOGITS, normed @ self.unembed)
+        return logits.to(self.W_E.device)  # a device map's logits come back to the first device
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tdb.models.layers import (
     RopeConfig,
     Rotary,
     causal_mask,
+    device_of,
     normal,
 )
 
@@ -124,10 +125,13 @@ class NeoX(nn.Module):
     ) -> Float[Tensor, "batch logit_pos d_vocab"]:
         """Logits at `logit_positions` (default every position); see `GPT2.forward`."""
         batch, n_pos = tokens.shape
+        tokens = tokens.to(self.W_E.device)  # callers may pass CPU tensors
         if position_ids is None:
             position_ids = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)
+        position_ids = position_ids.to(tokens.device)
+        mask_in = None if attention_mask is None else attention_mask.to(tokens.device)
         rotary = Rotary.at(position_ids, self.config.rope)
-        mask = causal_mask(n_pos, None, attention_mask, tokens.device)
+        mask = causal_mask(n_pos, None, mask_in, tokens.device)
 
         top = hooks.at_layer(None)  # the hooks outside any layer
         if resume is None:
@@ -139,11 +143,14 @@ class NeoX(nn.Module):
         for layer, block in enumerate(self.blocks):
             if layer < start:
                 continue
-            x = block(x, rotary, mask, hooks.at_layer(layer))
-        x = top(HookPoint.RESID_FINAL, x)
+            device = device_of(block)  # a device map's layer boundary: move the stream along
+            x = block(x.to(device), rotary.to(device), mask.to(device), hooks.at_layer(layer))
+        x = top(HookPoint.RESID_FINAL, x.to(self.ln_f.w.device))
         if logit_positions is not None:
             x = x[:, logit_positions]  # [batch logit_pos d_model]
-        return top(HookPoint.LOGITS, self.ln_f(x, top) @ self.unembed)
+        normed = self.ln_f(x, top).to(self.unembed.device)
+        logits = top(HookPoint.LOGITS, normed @ self.unembed)
+        return logits.to(self.W_E.device)  # a device map's logits come back to the first device
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------------

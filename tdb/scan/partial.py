@@ -79,7 +79,7 @@ def absorb_batch_(
 ) -> None:
     """Update `part` with one batch of windows of one source."""
     n_pos = acts.shape[1]
-    acts = acts.float()
+    acts = acts.float().cpu()  # the partial's lists live on the CPU, whatever the model's device
     valid = torch.arange(n_pos)[None, :] < lengths[:, None]  # [batch pos]
     padded = acts if bool(valid.all()) else acts.masked_fill(~valid[..., None], float("-inf"))
     window_max, argmax = padded.max(dim=1)  # [batch component]

@@ -42,7 +42,10 @@ class ShardWorker:
 
         torch.set_num_threads(1)  # one actor per CPU
         self.settings = settings
-        self.model = load_model(settings.model).model
+        # Ray shows each GPU actor only its own GPU(s): the driver's cuda:N is this one's cuda.
+        device = "cuda" if settings.device.startswith("cuda") else settings.device
+        loaded = load_model(settings.model, device, settings.dtype, settings.device_map)
+        self.model = loaded.model
         self.sources, self.saes = scan_sources(self.model, settings.saes)
 
     def scan(self, shard: Shard, bounds: Bounds | None) -> dict[str, np.ndarray]:
@@ -50,6 +53,35 @@ class ShardWorker:
             self.model, self.sources, shard, self.settings, None, bounds, self.saes
         )
         return partial.to_arrays()
+
+
+def wants_gpu(settings: ScanSettings) -> bool:
+    """Whether the actors run the model on a CUDA GPU (`--device cuda`, `cuda:N`, or `auto` on a
+    driver that has one; a device map spreads one model over several GPUs)."""
+    if settings.device_map is not None:
+        return True
+    if settings.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return settings.device.startswith("cuda")
+
+
+def actor_options(settings: ScanSettings, env: dict[str, Any]) -> dict[str, Any]:
+    """`ray.remote` options of a shard actor: one CPU, and on `--device cuda` one GPU (Ray then
+    sets CUDA_VISIBLE_DEVICES, so each actor's `cuda` / `cuda:0` is its own GPU); with a
+    device map, as many GPUs as the map names."""
+    options: dict[str, Any] = {"num_cpus": 1, "runtime_env": env}
+    if wants_gpu(settings):
+        options["num_gpus"] = gpus_named(settings.device_map) if settings.device_map else 1
+    return options
+
+
+def gpus_named(device_map: str) -> int:
+    """How many GPUs an inline `LAYER:DEVICE,...` map names (`auto` or a file: every GPU the
+    actor is given, taken as 1 unless the map says more)."""
+    devices = {item.partition(":")[2] for item in device_map.split(",") if ":" in item}
+    return max(1, len({d for d in devices if d.startswith("cuda")}))
 
 
 class RayExecutor:
@@ -77,11 +109,13 @@ class RayExecutor:
         # CPUs free now, not in all: an actor that never gets a CPU would hold its shard forever.
         resources: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
         n_workers = self.workers or max(1, int(resources.get("CPU", 1)))
+        if wants_gpu(self.settings):  # one actor per free GPU, each holding its own model
+            n_workers = self.workers or max(1, int(resources.get("GPU", 0)))
         import torch
 
         threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
         env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
-        worker_class: Any = ray.remote(num_cpus=1, runtime_env=env)(ShardWorker)
+        worker_class: Any = ray.remote(**actor_options(self.settings, env))(ShardWorker)
         actors = [worker_class.remote(self.settings) for _ in range(n_workers)]
         idle = list(actors)
         running: dict[Any, tuple[Shard, Any]] = {}  # result ref -> (shard, actor)

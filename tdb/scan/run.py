@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from tdb.checkpoint import LoadedModel, load_model
+from tdb.device import dtype_name
 from tdb.errors import TdbError
 from tdb.sae import AttachedSae
 from tdb.scan import out_folder
@@ -173,7 +174,7 @@ def scan(
 def _scan(
     corpus: Path, out: Path, settings: ScanSettings, ray_address: str | None, progress: Progress
 ) -> ScanResult:
-    loaded = load_model(settings.model)
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.device_map)
     n_ctx = loaded.model.config.n_ctx
     if settings.window > n_ctx:
         raise TdbError(f"--window {settings.window} is longer than the model's context ({n_ctx})")
@@ -190,6 +191,8 @@ def _scan(
         "corpus_fingerprint": corpus_fingerprint(corpus),
         "sources": names,
     }
+    if (dtype := loaded.placement.dtype) is not None and dtype_name(dtype) != "float32":
+        identity["dtype"] = dtype_name(dtype)  # float32 scans (all before dtypes) omit it
     manifest = out_folder.open_out(out, identity)
     if manifest.get("complete"):
         totals = ("n_shards", "n_docs", "n_windows", "n_tokens")

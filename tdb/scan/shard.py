@@ -37,6 +37,10 @@ class ScanSettings:
     shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
     saes: tuple[str, ...] = ()  # SAE files or folders whose latents are scanned too
+    # Where the model runs (tdb.device); the dtype decides the numbers: scan/run.py records it.
+    device: str = "cpu"
+    dtype: str = "auto"
+    device_map: str | None = None
 
     def resolved(self, model_path: Path) -> dict[str, object]:
         """The settings as JSON, with the model as a resolved path."""

@@ -109,11 +109,12 @@ def scan_sources(
 ) -> tuple[list[ComponentSource], list[AttachedSae]]:
     """The model's neurons and heads plus the latents of the SAEs at `sae_paths`, and those SAEs
     (to attach in the forward pass)."""
-    from tdb.latents import check_saes
+    from tdb.latents import check_saes, place_saes
     from tdb.sae import load_saes
 
     saes = [a for path in sae_paths for a in load_saes(path)]
     check_saes(saes, model.config)
+    place_saes(saes, model)
     return model_sources(model) + latent_sources(saes), saes
 
 

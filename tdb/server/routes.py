@@ -77,6 +77,8 @@ async def model_info(state: State) -> ModelInfo:
         max_k=MAX_K,
         groups=list(ALL_GROUPS),
         node_types=[NodeType.EMBEDDING, NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON],
+        device=str(state.loaded.placement.device),
+        dtype=str(state.loaded.model.unembed.dtype).removeprefix("torch."),
     )
 
 

@@ -169,6 +169,8 @@ class ModelInfo(BaseModel):
     max_k: int
     groups: list[Group]
     node_types: list[NodeType]
+    device: str = Field("cpu", description="where the model runs (layer 0's, under a device map)")
+    dtype: str = Field("float32", description="the weights' dtype: float32, bfloat16, float16")
 
 
 class Direction(BaseModel):
