@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
+    nodes.add_argument(
+        "--scan",
+        metavar="DIR",
+        help="a scan explained by `tdb explain --scan DIR`: add each node's explanation and score",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -378,7 +383,16 @@ def run_nodes(args: argparse.Namespace) -> None:
     from tdb.table import run_request
 
     loaded = load_model(args.model)
+    explanations = None
+    if args.scan is not None:  # read before the model runs: a bad DIR stops at once
+        from tdb.scan.explanations import Explanations
+
+        explanations = Explanations.read(Path(args.scan), loaded)
     table = run_request(loaded, request)
+    if explanations is not None:
+        from tdb.scan.explanations import with_explanations
+
+        table = with_explanations(table, explanations)
     for warning in table.warnings:
         print(f"tdb: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -405,19 +419,17 @@ def run_serve(args: argparse.Namespace) -> None:
 
     # Load before binding: a bad --model stops here with its message, and no server starts.
     loaded = load_model(args.model)
-    routers = []
-    if args.scan is not None:
-        from tdb.scan.routes import scan_router
-
-        routers.append(scan_router(Path(args.scan)))  # a TdbError when DIR holds no scan
     app = create_app(
         loaded,
         max_prompt_tokens=max_prompt_tokens,
         queue_size=queue_size,
         cache_size=cache_size,
-        extra_routers=routers,
         allowed_hosts=serve_hosts(args),
     )
+    if args.scan is not None:
+        from tdb.scan.routes import mount_scan
+
+        mount_scan(app, Path(args.scan))  # a TdbError when DIR holds no scan of this model
     if args.host not in LOCAL_ADDRESSES:
         print(
             f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
