@@ -272,6 +272,11 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     scan.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     scan.add_argument("-k", default="20", help="top examples (and random ones) per component")
     scan.add_argument("--window", default="64", help="tokens per window")
+    scan.add_argument(
+        "--context",
+        default="16",
+        help="left-context tokens run before each window but never ranked (default 16)",
+    )
     scan.add_argument("--batch-size", default="32", help="windows per forward pass")
     scan.add_argument("--shard-windows", default="512", help="windows per shard (checkpoint)")
     scan.add_argument("--seed", default="0", help="seed of the random sample")
@@ -486,6 +491,7 @@ def run_scan(args: argparse.Namespace) -> None:
         shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
         seed=parse_int(args.seed, "--seed", minimum=0),
         saes=tuple(args.sae) + (demo_sae_dir(args.model) if args.latents else ()),
+        context=parse_int(args.context, "--context", minimum=0),
     )
     corpus = Path(args.corpus) if args.corpus else DEMO_CORPUS
     if args.quiet:

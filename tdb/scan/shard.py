@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tdb.latents import attach
 from tdb.models.base import TransformerModel
+from tdb.nodes import NodeType
 from tdb.sae import AttachedSae
 from tdb.scan.partial import Bounds, ScanPartial, absorb_batch_
 from tdb.scan.sources import ComponentSource, source_hooks
@@ -36,6 +37,7 @@ class ScanSettings:
     shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
     saes: tuple[str, ...] = ()  # SAE files or folders whose latents are scanned too
+    context: int = 16  # left-context tokens run before each window, never ranked
 
     def resolved(self, model_path: Path) -> dict[str, object]:
         """The settings as JSON, with the model as a resolved path."""
@@ -47,6 +49,7 @@ class ScanSettings:
             "shard_windows": self.shard_windows,
             "seed": self.seed,
             "saes": [str(Path(p).resolve()) for p in self.saes],
+            "context": self.context,
         }
 
 
@@ -79,12 +82,13 @@ def scan_shard(
                 absorb_batch_(
                     partial.sources[source.name],
                     source,
-                    acts[source.name],
+                    ranked_positions(acts[source.name], batch.context, window),
                     batch.lengths,
                     batch.doc_id,
                     batch.start,
                     seed,
                     None if bounds is None else bounds[source.name],
+                    first_ranked(source, batch.context),
                 )
             if on_batch is not None:
                 on_batch(int(batch.lengths.sum()))
@@ -93,24 +97,50 @@ def scan_shard(
     return partial
 
 
+def ranked_positions(
+    acts: Float[Tensor, "batch run component"], context: Int[Tensor, " batch"], window: int
+) -> Float[Tensor, "batch pos component"]:
+    """Each row's window, its left context cut off: row b's positions context[b] onwards, as
+    positions 0 onwards (past the run's end: the last value, masked later by the lengths)."""
+    if not bool(context.any()):
+        return acts
+    n_run = acts.shape[1]
+    n_pos = min(window, n_run)
+    where = (context[:, None] + torch.arange(n_pos)[None, :]).clamp(max=n_run - 1)  # [batch pos]
+    return acts.gather(1, where[:, :, None].expand(-1, -1, acts.shape[2]))
+
+
+def first_ranked(source: ComponentSource, context: Int[Tensor, " batch"]) -> Tensor | None:
+    """Per row, whether its window's first position may be ranked. A head's query at the run's
+    first token can attend only to itself (its write there is a constant of the token, not
+    something the head chose), so it never becomes an example nor counts in the statistics;
+    with left context that is only a document's first token."""
+    if source.node_type is not NodeType.ATTENTION_HEAD:
+        return None
+    return context > 0
+
+
 @dataclass(frozen=True)
 class Batch:
-    tokens: Int[Tensor, "batch pos"]  # pos: the longest window of the batch
-    lengths: Int[Tensor, " batch"]
+    tokens: Int[Tensor, "batch run"]  # run: the longest context + window of the batch
+    lengths: Int[Tensor, " batch"]  # window tokens (ranked), after `context` tokens
     doc_id: Int[Tensor, " batch"]
     start: Int[Tensor, " batch"]
+    context: Int[Tensor, " batch"]
 
 
 def shard_batches(shard: Shard, batch_size: int) -> Iterator[Batch]:
     """The shard's windows in batches, longest first (so batches are padded little); the order
     of windows does not matter to the result, only that it is always the same."""
-    order = np.argsort(-shard.lengths, kind="stable")
+    run = shard.context + shard.lengths
+    order = np.argsort(-run, kind="stable")
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
-        n_pos = int(shard.lengths[rows].max())
+        n_run = int(run[rows].max())
         yield Batch(
-            tokens=torch.tensor(shard.tokens[rows, :n_pos]),
+            tokens=torch.tensor(shard.tokens[rows, :n_run]),
             lengths=torch.tensor(shard.lengths[rows]),
             doc_id=torch.tensor(shard.doc_ids[rows]),
             start=torch.tensor(shard.starts[rows]),
+            context=torch.tensor(shard.context[rows]),
         )
