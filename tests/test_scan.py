@@ -162,7 +162,10 @@ def test_top_k_sample_and_stats_match_a_naive_reference(
         per_window = [w["values"][node_type, layer][:, index] for w in windows]
         ranked = [w["ranked"][node_type] for w in windows]
         eligible = [i for i in range(len(windows)) if ranked[i].any()]
-        maxima = [float(v[r].max()) if r.any() else -np.inf for v, r in zip(per_window, ranked)]
+        maxima = [
+            float(v[r].max()) if r.any() else -np.inf
+            for v, r in zip(per_window, ranked, strict=True)
+        ]
         # Top-k by brute force: sort every window by (-max, doc_id, start).
         order = sorted(
             eligible,
@@ -194,7 +197,7 @@ def test_top_k_sample_and_stats_match_a_naive_reference(
             (windows[i]["doc_id"], windows[i]["start"]) for i in expected
         ]
         # Statistics over every ranked token.
-        every = np.concatenate([v[r] for v, r in zip(per_window, ranked)])
+        every = np.concatenate([v[r] for v, r in zip(per_window, ranked, strict=True)])
         s = stats[node_type, layer, index]
         assert s["count"] == len(every)
         assert s["mean"] == pytest.approx(float(every.mean()), abs=1e-5)
