@@ -207,7 +207,7 @@ class NodeTable:
 
     def _frame_row(self, i: int, node: NodeIndex) -> dict[str, object]:
         values = {name: column[i] for name, column in self.column_values().items()}
-        return self.identity(node) | values
+        return self.identity(node) | values | self.explanation_fields(i)
 
     def identity(self, node: NodeIndex) -> dict[str, Json]:
         """Which node a row is: id, node type, coordinates, and the name a person reads."""
