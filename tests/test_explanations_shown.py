@@ -308,3 +308,70 @@ def test_the_documented_explanation_fields_are_real_output(
                 assert row[key] == pytest.approx(value, abs=1e-6), key
             else:
                 assert row[key] == value, key
+
+
+# --- the component page in a browser -----------------------------------------------------------
+
+
+@pytest.mark.slow  # headless Chromium
+def test_component_page_shows_the_prompt_explanation_id_and_a_back_link(
+    explained: Path, loaded: LoadedModel
+) -> None:
+    from urllib.parse import quote
+
+    from live_server import live_server
+    from playwright.sync_api import expect, sync_playwright
+
+    expected = parquet_rows(explained)["mlp_neuron", 1, 7]
+    prompt = "the cat sat on the mat"
+    tokens = loaded.tokenizer.encode(prompt)
+    app = create_app(loaded)
+    mount_scan(app, explained)
+    with live_server(app) as base, sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"]
+        )
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        investigation = f"{base}/?prompt={quote(prompt)}&k=3"
+        url = f"{base}/component/mlp_neuron/1/7?prompt={quote(prompt)}&from={quote(investigation)}"
+        page.goto(url)
+        expect(page.locator("#component-id")).to_have_text("n1.7", timeout=60_000)
+        expect(page.locator("#explanation .explanation")).to_have_text(str(expected["explanation"]))
+        score = page.locator("#explanation-score").text_content() or ""
+        shown = re.match(r"score (\S+) ", score)
+        assert shown is not None and float(shown[1]) == pytest.approx(expected["score"], abs=1e-3)
+        # The prompt's tokens, each with the component's value (as the route computes it).
+        spans = page.locator("#prompt .tok")
+        expect(spans).to_have_count(len(tokens), timeout=60_000)
+        values = client_values(app, prompt)
+        assert [spans.nth(i).text_content() for i in range(len(tokens))] == [
+            loaded.tokenizer.token_text(t) for t in tokens
+        ]
+        for i, value in enumerate(values):
+            assert float(spans.nth(i).get_attribute("title") or "nan") == pytest.approx(
+                value, rel=1e-3, abs=1e-3
+            )
+        assert page.locator("#prompt-box").is_visible()
+        # Back to the investigation it came from.
+        back = page.locator("#back")
+        expect(back).to_have_text("← back")
+        back.click()
+        page.wait_for_url(investigation)
+        # Opened on its own: a link home instead.
+        page.goto(f"{base}/component/attention_head/0/1")
+        expect(page.locator("#back")).to_have_text("tdb home")
+        assert page.locator("#back").get_attribute("href") == f"{base}/"
+        assert not page.locator("#prompt-box").is_visible()
+        browser.close()
+    assert errors == []
+
+
+def client_values(app: object, prompt: str) -> list[float]:
+    body = {"component": "n1.7", "prompt": prompt}
+    got = TestClient(app, base_url="http://localhost").post(  # type: ignore[arg-type]
+        "/api/component_activations", json=body
+    )
+    values: list[float] = got.json()["values"]
+    return values
