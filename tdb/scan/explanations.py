@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tdb.checkpoint import LoadedModel
 from tdb.errors import TdbError, reason
 from tdb.nodes import ComponentIndex, LatentSite, NodeIndex, NodeType
-from tdb.scan.out_folder import EXAMPLES, MANIFEST, read_manifest
+from tdb.scan.out_folder import EXAMPLES, read_manifest
 from tdb.table.result import NodeTable
 
 EXPLANATIONS = "explanations.parquet"  # as tdb.explain.output writes it
@@ -231,15 +231,3 @@ def with_explanations(table: NodeTable, explanations: Explanations) -> NodeTable
         explanations=[None if e is None else e.explanation for e in found],
         explanation_scores=[None if e is None else e.score for e in found],
     )
-
-
-def node_fields(explanations: Explanations | None, node: NodeIndex) -> dict[str, Any]:
-    """The two per-node fields of a node table row: explanation and explanation_score."""
-    e = None if explanations is None else explanations.of(node)
-    return {
-        "explanation": None if e is None else e.explanation,
-        "explanation_score": None if e is None else e.score,
-    }
-
-
-__all__ = ["MANIFEST", "Explanation", "Explanations", "node_fields", "with_explanations"]
