@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--view-node", action="append", default=[], metavar="ID", help="add a node's token view"
     )
     nodes.add_argument(
+        "--scan",
+        metavar="DIR",
+        help="a scan explained by `tdb explain --scan DIR`: add each node's explanation and score",
+    )
+    nodes.add_argument(
         "--sae",
         action="append",
         default=[],
@@ -124,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--model", help="checkpoint directory or cached model name (default: demo)")
     nodes.add_argument("--json", action="store_true", help="print the table as JSON")
-    nodes.add_argument(
-        "--scan",
-        metavar="DIR",
-        help="a scan explained by `tdb explain --scan DIR`: add each node's explanation and score",
-    )
 
     serve = commands.add_parser(
         "serve",

@@ -83,7 +83,7 @@ def scan_shard(
                     partial.sources[source.name],
                     source,
                     ranked_positions(acts[source.name], batch.context, window),
-                    batch.lengths,
+                    batch.window_lengths,
                     batch.doc_id,
                     batch.start,
                     seed,
@@ -91,7 +91,7 @@ def scan_shard(
                     first_ranked(source, batch.context),
                 )
             if on_batch is not None:
-                on_batch(int(batch.lengths.sum()))
+                on_batch(int(batch.window_lengths.sum()))
     partial.n_windows, partial.n_tokens = len(shard.lengths), shard.n_tokens
     partial.n_docs = shard.n_docs
     return partial
@@ -123,10 +123,15 @@ def first_ranked(source: ComponentSource, context: Int[Tensor, " batch"]) -> Ten
 @dataclass(frozen=True)
 class Batch:
     tokens: Int[Tensor, "batch run"]  # run: the longest context + window of the batch
-    lengths: Int[Tensor, " batch"]  # window tokens (ranked), after `context` tokens
+    lengths: Int[Tensor, " batch"]  # tokens of each run (context, then window); padding after
     doc_id: Int[Tensor, " batch"]
     start: Int[Tensor, " batch"]
-    context: Int[Tensor, " batch"]
+    context: Int[Tensor, " batch"]  # left-context tokens at the start of each run
+
+    @property
+    def window_lengths(self) -> Int[Tensor, " batch"]:
+        """Tokens of each window (the ranked ones), after its context."""
+        return self.lengths - self.context
 
 
 def shard_batches(shard: Shard, batch_size: int) -> Iterator[Batch]:
@@ -139,7 +144,7 @@ def shard_batches(shard: Shard, batch_size: int) -> Iterator[Batch]:
         n_run = int(run[rows].max())
         yield Batch(
             tokens=torch.tensor(shard.tokens[rows, :n_run]),
-            lengths=torch.tensor(shard.lengths[rows]),
+            lengths=torch.tensor(run[rows]),
             doc_id=torch.tensor(shard.doc_ids[rows]),
             start=torch.tensor(shard.starts[rows]),
             context=torch.tensor(shard.context[rows]),
