@@ -388,16 +388,11 @@ def run_nodes(args: argparse.Namespace) -> None:
     from tdb.table import run_request
 
     loaded = load_model(args.model)
-    explanations = None
-    if args.scan is not None:  # read before the model runs: a bad DIR stops at once
-        from tdb.scan.explanations import Explanations
-
-        explanations = Explanations.read(Path(args.scan), loaded)
     table = run_request(loaded, request)
-    if explanations is not None:
-        from tdb.scan.explanations import with_explanations
+    if args.scan is not None:
+        from tdb.scan.explanations import Explanations, with_explanations
 
-        table = with_explanations(table, explanations)
+        table = with_explanations(table, Explanations.read(Path(args.scan), loaded))
     for warning in table.warnings:
         print(f"tdb: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -424,17 +419,23 @@ def run_serve(args: argparse.Namespace) -> None:
 
     # Load before binding: a bad --model stops here with its message, and no server starts.
     loaded = load_model(args.model)
+    routers = []
+    if args.scan is not None:
+        from tdb.scan.routes import scan_router
+
+        routers.append(scan_router(Path(args.scan)))  # a TdbError when DIR holds no scan
     app = create_app(
         loaded,
         max_prompt_tokens=max_prompt_tokens,
         queue_size=queue_size,
         cache_size=cache_size,
+        extra_routers=routers,
         allowed_hosts=serve_hosts(args),
     )
     if args.scan is not None:
-        from tdb.scan.routes import mount_scan
+        from tdb.scan.routes import serve_explanations
 
-        mount_scan(app, Path(args.scan))  # a TdbError when DIR holds no scan of this model
+        serve_explanations(app, Path(args.scan))  # a TdbError for a scan of another model
     if args.host not in LOCAL_ADDRESSES:
         print(
             f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
@@ -487,11 +488,11 @@ def run_scan(args: argparse.Namespace) -> None:
         model=args.model,
         k=parse_int(args.k, "-k", minimum=1),
         window=parse_int(args.window, "--window", minimum=1),
+        context=parse_int(args.context, "--context", minimum=0),
         batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
         shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
         seed=parse_int(args.seed, "--seed", minimum=0),
         saes=tuple(args.sae) + (demo_sae_dir(args.model) if args.latents else ()),
-        context=parse_int(args.context, "--context", minimum=0),
     )
     corpus = Path(args.corpus) if args.corpus else DEMO_CORPUS
     if args.quiet:

@@ -328,8 +328,14 @@ def mount_scan(app: FastAPI, out: Path) -> None:
     pages and explanation routes, and explanations in `POST /api/nodes`. A TdbError when `out`
     holds no finished scan, or one of another model than the server's."""
     router = scan_router(out)
+    serve_explanations(app, out)
+    app.include_router(router)
+
+
+def serve_explanations(app: FastAPI, out: Path) -> None:
+    """Hand the explanations of the scan in `out` to `POST /api/nodes` of `app` (whose
+    `scan_router(out)` serves the rest); a TdbError if the scan is of another model."""
     state = getattr(app.state, "tdb", None)
     if state is not None:
         check_model(out, read_manifest(out) or {}, state.loaded)
-    app.include_router(router)
     app.state.explanations = ExplanationsFile(out)

@@ -33,11 +33,11 @@ class ScanSettings:
     model: str | None = None  # checkpoint directory or cached name; None: the demo model
     k: int = 20  # top examples (and random-sample examples) per component
     window: int = 64  # tokens per window
+    context: int = 16  # left-context tokens run before each window, never ranked
     batch_size: int = 32  # windows per forward pass
     shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
     saes: tuple[str, ...] = ()  # SAE files or folders whose latents are scanned too
-    context: int = 16  # left-context tokens run before each window, never ranked
 
     def resolved(self, model_path: Path) -> dict[str, object]:
         """The settings as JSON, with the model as a resolved path."""
