@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--view-node", action="append", default=[], metavar="ID", help="add a node's token view"
     )
     nodes.add_argument(
+        "--scan",
+        metavar="DIR",
+        help="a scan explained by `tdb explain --scan DIR`: add each node's explanation and score",
+    )
+    nodes.add_argument(
         "--sae",
         action="append",
         default=[],
@@ -320,6 +325,11 @@ def add_scan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     add_device_options(scan)
     scan.add_argument("-k", default="20", help="top examples (and random ones) per component")
     scan.add_argument("--window", default="64", help="tokens per window")
+    scan.add_argument(
+        "--context",
+        default="16",
+        help="left-context tokens run before each window but never ranked (default 16)",
+    )
     scan.add_argument("--batch-size", default="32", help="windows per forward pass")
     scan.add_argument("--shard-windows", default="512", help="windows per shard (checkpoint)")
     scan.add_argument("--seed", default="0", help="seed of the random sample")
@@ -457,6 +467,10 @@ def run_nodes(args: argparse.Namespace) -> None:
 
     loaded = load_with_device_options(args)
     table = run_request(loaded, request)
+    if args.scan is not None:
+        from tdb.scan.explanations import Explanations, with_explanations
+
+        table = with_explanations(table, Explanations.read(Path(args.scan), loaded))
     for warning in table.warnings:
         print(f"tdb: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -497,6 +511,10 @@ def run_serve(args: argparse.Namespace) -> None:
         extra_routers=routers,
         allowed_hosts=serve_hosts(args),
     )
+    if args.scan is not None:
+        from tdb.scan.routes import serve_explanations
+
+        serve_explanations(app, Path(args.scan))  # a TdbError for a scan of another model
     if args.host not in LOCAL_ADDRESSES:
         print(
             f"tdb: warning: --host {args.host} lets other machines reach this server, which has "
@@ -549,6 +567,7 @@ def run_scan(args: argparse.Namespace) -> None:
         model=args.model,
         k=parse_int(args.k, "-k", minimum=1),
         window=parse_int(args.window, "--window", minimum=1),
+        context=parse_int(args.context, "--context", minimum=0),
         batch_size=parse_int(args.batch_size, "--batch-size", minimum=1),
         shard_windows=parse_int(args.shard_windows, "--shard-windows", minimum=1),
         seed=parse_int(args.seed, "--seed", minimum=0),

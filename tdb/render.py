@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tdb.attribution.run import Attribution, Progress
@@ -34,7 +35,8 @@ def describe_direction(table: NodeTable) -> str:
 def print_node_table(table: NodeTable, model_name: str, console: Console | None = None) -> None:
     """Print the table. `print_node_table(node_table(...), "demo")`."""
     n_numbers = len(table.groups) + len(table.columns)
-    console = console or Console(width=max(Console().width, 60 + 12 * n_numbers))
+    explained = 0 if table.explanations is None else EXPLANATION_WIDTH + 3
+    console = console or Console(width=max(Console().width, 60 + 12 * n_numbers + explained))
     tokens = " ".join(f"[dim]{i}[/dim]{t!r}" for i, t in enumerate(table.token_texts))
     console.print(f"[bold]model[/bold] {model_name}   [bold]prompt[/bold] {tokens}")
     value = f"[bold]{table.direction_value:.4f}[/bold]"
@@ -54,8 +56,15 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
         order += [(n, c) for n, c in table.columns.items() if n.startswith(group.value + "_")]
     for name, _ in order:  # an extra column shows only its suffix: "baseline", "diff", "right"
         grid.add_column(name.rsplit("_", 1)[-1] if name in table.columns else name, justify="right")
+    if table.explanations is not None:
+        grid.add_column(
+            "explanation", max_width=EXPLANATION_WIDTH, no_wrap=True, overflow="ellipsis"
+        )
     for i, node in enumerate(table.nodes):
-        grid.add_row(node.id, table.node_name(node), *[f"{c[i]:.4f}" for _, c in order])
+        cells = [node.id, table.node_name(node), *[f"{c[i]:.4f}" for _, c in order]]
+        if table.explanations is not None:
+            cells.append(explanation_cell(table, i))
+        grid.add_row(*cells)
     console.print(grid)
     signed = ", ".join(g.value for g in table.groups if is_signed(g)) or "none"
     console.print(
@@ -66,6 +75,19 @@ def print_node_table(table: NodeTable, model_name: str, console: Console | None 
         print_verification(table.verification, console)
     if table.token_views is not None:
         print_token_views(table.token_views.to_json(), table.token_texts, console)
+
+
+EXPLANATION_WIDTH = 48  # characters; the sentence is cut with an ellipsis (--json has it whole)
+
+
+def explanation_cell(table: NodeTable, i: int) -> str:
+    """Row i's explanation, prefixed by its score: `0.71 attends to the previous token`."""
+    assert table.explanations is not None
+    text = table.explanations[i]
+    if text is None:
+        return ""
+    score = None if table.explanation_scores is None else table.explanation_scores[i]
+    return ("" if score is None else f"{score:.2f} ") + escape(text)
 
 
 def print_verification(verification: Verification, console: Console) -> None:

@@ -134,19 +134,23 @@ class Examples:
         lengths: Int[Tensor, " window_count"],
         acts: Float[Tensor, "window_count pos component"],  # past each length: padding
         bound: Tensor | None = None,  # [component]
+        eligible: Tensor | None = None,  # [window_count] bool; None: all
     ) -> None:
         """Keep the first k of these and the current examples, per component. Windows whose key
         sorts after `bound` (the k-th key of examples merged elsewhere) cannot be in the final
-        result and are skipped."""
+        result and are skipped, and so are windows that are not `eligible`."""
         n_components, n_windows = key.shape
         window = self.values.shape[2]
         doc_id, start = (
             doc_id.expand(n_components, n_windows),
             start.expand(n_components, n_windows),
         )
-        if bound is not None:
+        out = None if bound is None else key > bound[:, None]
+        if eligible is not None and not bool(eligible.all()):
+            skip = (~eligible)[None, :].expand(n_components, n_windows)
+            out = skip if out is None else out | skip
+        if out is not None:
             # A skipped window looks like an unfilled slot that sorts after every other one.
-            out = key > bound[:, None]
             key = key.masked_fill(out, _largest(key.dtype))
             doc_id = doc_id.masked_fill(out, EMPTY_DOC)
             start = start.masked_fill(out, torch.iinfo(torch.int64).max)

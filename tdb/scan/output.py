@@ -24,7 +24,7 @@ from tdb.scan.corpus import read_corpus
 from tdb.scan.examples import EMPTY_DOC, Examples
 from tdb.scan.partial import ScanPartial
 from tdb.scan.sources import ComponentSource
-from tdb.scan.windows import document_windows
+from tdb.scan.windows import document_windows, left_context
 from tdb.tokens import Tokenizer
 
 EXAMPLES_SCHEMA = pa.schema(
@@ -40,6 +40,7 @@ EXAMPLES_SCHEMA = pa.schema(
         ("tokens", pa.list_(pa.string())),
         ("activations", pa.list_(pa.float32())),
         ("site", pa.string()),  # SAE latents: the activation their SAE reads; else null
+        ("context_tokens", pa.list_(pa.string())),  # left context run before `tokens`, unranked
     ]
 )
 
@@ -66,22 +67,36 @@ class WindowTokens:
     """The token ids of the windows that examples point at, read back from the corpus (the
     partials keep only (doc_id, start); tokenizing again costs little next to the forward)."""
 
-    def __init__(self, corpus: Path, tokenizer: Tokenizer, window: int, keys: np.ndarray) -> None:
+    def __init__(
+        self,
+        corpus: Path,
+        tokenizer: Tokenizer,
+        window: int,
+        keys: np.ndarray,
+        context: int = 0,
+    ) -> None:
         self.keys = np.unique(keys)  # sorted
         self.tokens = np.zeros((len(self.keys), window), dtype=np.int64)  # [window_row window]
         self.lengths = np.zeros(len(self.keys), dtype=np.int64)
+        # The left context run before each window (`tdb.scan.windows.left_context`).
+        self.context = np.zeros((len(self.keys), context), dtype=np.int64)  # [window_row context]
+        self.context_lengths = np.zeros(len(self.keys), dtype=np.int64)
         wanted = set(self.keys.tolist())
         docs = {key >> 32 for key in wanted}
         found = 0
         for doc in read_corpus(corpus):
             if doc.doc_id not in docs:
                 continue
-            for start, ids in document_windows(tokenizer.encode(doc.text), window):
+            doc_ids = tokenizer.encode(doc.text)
+            for start, ids in document_windows(doc_ids, window):
                 key = (doc.doc_id << 32) | start
                 if key in wanted:
                     row = int(np.searchsorted(self.keys, key))
                     self.tokens[row, : len(ids)] = ids
                     self.lengths[row] = len(ids)
+                    ctx = left_context(doc_ids, start, context)
+                    self.context[row, : len(ctx)] = ctx
+                    self.context_lengths[row] = len(ctx)
                     found += 1
         if found != len(self.keys):
             missing = len(self.keys) - found
@@ -129,6 +144,9 @@ def examples_table(
     lengths = windows.lengths[window_rows]
     valid = np.arange(rows["values"].shape[1])[None, :] < lengths[:, None]  # [row window]
     flat_ids = windows.tokens[window_rows][valid]
+    context_lengths = windows.context_lengths[window_rows]
+    in_context = np.arange(windows.context.shape[1])[None, :] < context_lengths[:, None]
+    flat_context = windows.context[window_rows][in_context]
     n = len(keys)
     return pa.table(
         {
@@ -143,6 +161,7 @@ def examples_table(
             "tokens": _list_array(vocab.take(pa.array(flat_ids)), lengths),
             "activations": _list_array(pa.array(rows["values"][valid].astype(np.float32)), lengths),
             "site": _site(source, n),
+            "context_tokens": _list_array(vocab.take(pa.array(flat_context)), context_lengths),
         },
         schema=EXAMPLES_SCHEMA,
     )
@@ -187,6 +206,7 @@ def write_results(
     corpus: Path,
     tokenizer: Tokenizer,
     window: int,
+    context: int = 0,
 ) -> None:
     """Write examples.parquet and stats.parquet into `out`, each by rename from a temporary."""
     from tdb.scan.out_folder import EXAMPLES, STATS
@@ -197,10 +217,12 @@ def write_results(
         for e in (part.top, part.sample)
     ]
     windows = WindowTokens(
-        corpus, tokenizer, window, np.concatenate([np.zeros(0, np.int64), *keys])
+        corpus, tokenizer, window, np.concatenate([np.zeros(0, np.int64), *keys]), context
     )
     in_windows = np.arange(window)[None, :] < windows.lengths[:, None]
-    vocab = vocabulary(tokenizer, windows.tokens[in_windows])
+    in_context = np.arange(context)[None, :] < windows.context_lengths[:, None]
+    used = np.concatenate([windows.tokens[in_windows], windows.context[in_context]])
+    vocab = vocabulary(tokenizer, used)
     _write(
         out / EXAMPLES,
         EXAMPLES_SCHEMA,

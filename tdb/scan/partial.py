@@ -76,11 +76,17 @@ def absorb_batch_(
     start: Int[Tensor, " batch"],
     seed: int,
     bounds: tuple[Tensor, Tensor] | None = None,
+    first_ranked: Tensor | None = None,  # [batch] bool; None: every first position is ranked
 ) -> None:
-    """Update `part` with one batch of windows of one source."""
+    """Update `part` with one batch of windows of one source. A window's first position is not
+    ranked (no example, no statistic) where `first_ranked` is False; a window with no ranked
+    position enters neither the top-k nor the sample."""
     n_pos = acts.shape[1]
     acts = acts.float().cpu()  # the partial's lists live on the CPU, whatever the model's device
     valid = torch.arange(n_pos)[None, :] < lengths[:, None]  # [batch pos]
+    if first_ranked is not None:
+        valid[:, 0] &= first_ranked
+    eligible = valid.any(dim=1)  # [batch]
     padded = acts if bool(valid.all()) else acts.masked_fill(~valid[..., None], float("-inf"))
     window_max, argmax = padded.max(dim=1)  # [batch component]
     activation, position = window_max.T.contiguous(), argmax.T.contiguous()  # [component batch]
@@ -89,8 +95,8 @@ def absorb_batch_(
     )
     top_bound, sample_bound = (None, None) if bounds is None else bounds
     windows = (doc_id, start, lengths, acts)
-    part.top.absorb_windows_(-activation, activation, position, *windows, top_bound)
-    part.sample.absorb_windows_(keys, activation, position, *windows, sample_bound)
+    part.top.absorb_windows_(-activation, activation, position, *windows, top_bound, eligible)
+    part.sample.absorb_windows_(keys, activation, position, *windows, sample_bound, eligible)
     part.moments = part.moments.merge(Moments.of(acts, valid))
 
 

@@ -178,6 +178,13 @@ def _scan(
     n_ctx = loaded.model.config.n_ctx
     if settings.window > n_ctx:
         raise TdbError(f"--window {settings.window} is longer than the model's context ({n_ctx})")
+    if settings.context < 0:
+        raise TdbError(f"--context: must be >= 0, got {settings.context}")
+    if settings.window + settings.context > n_ctx:
+        raise TdbError(
+            f"--window {settings.window} plus --context {settings.context} is longer than the "
+            f"model's context ({n_ctx}): lower --context to {n_ctx - settings.window} or less"
+        )
     if not loaded.tokenizer.has_text:
         raise TdbError(f"{loaded.path} has no tokenizer, so it cannot read a text corpus")
     settings = dataclasses.replace(settings, model=str(loaded.path.resolve()))
@@ -213,7 +220,11 @@ def _scan(
     def todo() -> Iterator[Shard]:
         nonlocal n_shards
         tokenized = shards(
-            read_corpus(corpus), loaded.tokenizer, settings.window, settings.shard_windows
+            read_corpus(corpus),
+            loaded.tokenizer,
+            settings.window,
+            settings.shard_windows,
+            settings.context,
         )
         for shard in tokenized:
             n_shards = shard.index + 1
@@ -249,7 +260,7 @@ def _scan(
     if merge.prefix != n_shards:
         raise RuntimeError(f"shards {merge.prefix}..{n_shards - 1} were not all scanned")
     total = merge.state or ScanPartial.empty(sources, settings.k, settings.window)
-    write_results(out, total, sources, corpus, loaded.tokenizer, settings.window)
+    write_results(out, total, sources, corpus, loaded.tokenizer, settings.window, settings.context)
     manifest |= {
         "complete": True,
         "n_shards": n_shards,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tdb.capture import padding_mask
 from tdb.latents import attach
 from tdb.models.base import TransformerModel
+from tdb.nodes import NodeType
 from tdb.sae import AttachedSae
 from tdb.scan.partial import Bounds, ScanPartial, absorb_batch_
 from tdb.scan.sources import ComponentSource, source_hooks
@@ -33,6 +34,7 @@ class ScanSettings:
     model: str | None = None  # checkpoint directory or cached name; None: the demo model
     k: int = 20  # top examples (and random-sample examples) per component
     window: int = 64  # tokens per window
+    context: int = 16  # left-context tokens run before each window, never ranked
     batch_size: int = 32  # windows per forward pass
     shard_windows: int = 512  # windows per shard (a shard closes at a document boundary)
     seed: int = 0  # of the random sample
@@ -52,6 +54,7 @@ class ScanSettings:
             "shard_windows": self.shard_windows,
             "seed": self.seed,
             "saes": [str(Path(p).resolve()) for p in self.saes],
+            "context": self.context,
         }
 
 
@@ -87,38 +90,70 @@ def scan_shard(
                 absorb_batch_(
                     partial.sources[source.name],
                     source,
-                    acts[source.name],
-                    batch.lengths,
+                    ranked_positions(acts[source.name], batch.context, window),
+                    batch.window_lengths,
                     batch.doc_id,
                     batch.start,
                     seed,
                     None if bounds is None else bounds[source.name],
+                    first_ranked(source, batch.context),
                 )
             if on_batch is not None:
-                on_batch(int(batch.lengths.sum()))
+                on_batch(int(batch.window_lengths.sum()))
     partial.n_windows, partial.n_tokens = len(shard.lengths), shard.n_tokens
     partial.n_docs = shard.n_docs
     return partial
 
 
+def ranked_positions(
+    acts: Float[Tensor, "batch run component"], context: Int[Tensor, " batch"], window: int
+) -> Float[Tensor, "batch pos component"]:
+    """Each row's window, its left context cut off: row b's positions context[b] onwards, as
+    positions 0 onwards (past the run's end: the last value, masked later by the lengths)."""
+    if not bool(context.any()):
+        return acts
+    n_run = acts.shape[1]
+    n_pos = min(window, n_run)
+    where = (context[:, None] + torch.arange(n_pos)[None, :]).clamp(max=n_run - 1)  # [batch pos]
+    return acts.gather(1, where[:, :, None].expand(-1, -1, acts.shape[2]))
+
+
+def first_ranked(source: ComponentSource, context: Int[Tensor, " batch"]) -> Tensor | None:
+    """Per row, whether its window's first position may be ranked. A head's query at the run's
+    first token can attend only to itself (its write there is a constant of the token, not
+    something the head chose), so it never becomes an example nor counts in the statistics;
+    with left context that is only a document's first token."""
+    if source.node_type is not NodeType.ATTENTION_HEAD:
+        return None
+    return context > 0
+
+
 @dataclass(frozen=True)
 class Batch:
-    tokens: Int[Tensor, "batch pos"]  # pos: the longest window of the batch
-    lengths: Int[Tensor, " batch"]
+    tokens: Int[Tensor, "batch run"]  # run: the longest context + window of the batch
+    lengths: Int[Tensor, " batch"]  # tokens of each run (context, then window); padding after
     doc_id: Int[Tensor, " batch"]
     start: Int[Tensor, " batch"]
+    context: Int[Tensor, " batch"]  # left-context tokens at the start of each run
+
+    @property
+    def window_lengths(self) -> Int[Tensor, " batch"]:
+        """Tokens of each window (the ranked ones), after its context."""
+        return self.lengths - self.context
 
 
 def shard_batches(shard: Shard, batch_size: int) -> Iterator[Batch]:
     """The shard's windows in batches, longest first (so batches are padded little); the order
     of windows does not matter to the result, only that it is always the same."""
-    order = np.argsort(-shard.lengths, kind="stable")
+    run = shard.context + shard.lengths
+    order = np.argsort(-run, kind="stable")
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
-        n_pos = int(shard.lengths[rows].max())
+        n_run = int(run[rows].max())
         yield Batch(
-            tokens=torch.tensor(shard.tokens[rows, :n_pos]),
-            lengths=torch.tensor(shard.lengths[rows]),
+            tokens=torch.tensor(shard.tokens[rows, :n_run]),
+            lengths=torch.tensor(run[rows]),
             doc_id=torch.tensor(shard.doc_ids[rows]),
             start=torch.tensor(shard.starts[rows]),
+            context=torch.tensor(shard.context[rows]),
         )

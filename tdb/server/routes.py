@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from tdb.attribution import Task
 from tdb.errors import TdbError
 from tdb.metrics import ALL_GROUPS
-from tdb.nodes import NodeType
+from tdb.nodes import LatentSite, NodeType
 from tdb.server.schemas import (
     MAX_K,
     MAX_RECORDS,
@@ -89,13 +89,29 @@ async def tokenize_route(request: TokenizeRequest, state: State) -> TokenizeResp
 
 
 @router.post("/nodes", response_model=NodeTableResponse)
-async def nodes_route(request: NodeTableRequest, state: State) -> Response:
+async def nodes_route(request: NodeTableRequest, state: State, http: Request) -> Response:
     """The node table: ranked nodes with every metric, under ablations, traces, two prompts."""
     body, cached = await state.node_table(request)
     if request.node_types is not None or request.sort is not None:
         table = NodeTableResponse.model_validate_json(body)
         body = select_rows(table, request.node_types, request.sort).model_dump_json().encode()
-    return json_response(body, cached)
+    return json_response(with_explanations(body, http), cached)
+
+
+def with_explanations(body: bytes, http: Request) -> bytes:
+    """The table's JSON with each row's `explanation` and `explanation_score`, when the server
+    has a scan with explanations (`tdb.scan.routes.mount_scan`); else as it is (null)."""
+    source = getattr(http.app.state, "explanations", None)
+    found = None if source is None else source.current_or_none()
+    if found is None:
+        return body
+    table = NodeTableResponse.model_validate_json(body)
+    for row in table.nodes:
+        site = None if row.site is None else LatentSite(row.site)
+        e = None if row.layer is None else found.get(row.node_type, row.layer, row.index, site)
+        row.explanation = None if e is None else e.explanation
+        row.explanation_score = None if e is None else e.score
+    return table.model_dump_json().encode()
 
 
 @router.post("/views", response_model=ViewsResponse)

@@ -212,6 +212,14 @@ class NodeRow(BaseModel):
     values: dict[str, float | None] = Field(
         description="one entry per column (`columns`); null where the value is undefined"
     )
+    explanation: str | None = Field(
+        default=None,
+        description="the component's explanation when the server has `--scan DIR` and "
+        "`tdb explain --scan DIR` has run (else null; embeddings have none)",
+    )
+    explanation_score: float | None = Field(
+        default=None, description="the explanation's score (simulated vs real activations)"
+    )
 
 
 class RankedToken(BaseModel):

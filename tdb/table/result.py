@@ -98,6 +98,10 @@ class NodeTable:
     token_views: TokenViews | None = None
     # What the table is silently unhelpful about, for a person to read (e.g. a zero direction).
     warnings: list[str] = field(default_factory=list)
+    # Per row, its component's explanation and score (`tdb.scan.explanations.with_explanations`);
+    # None: the table was made without a scan, and its rows have no such fields.
+    explanations: list[str | None] | None = None
+    explanation_scores: list[float | None] | None = None
 
     def node_name(self, node: NodeIndex) -> str:
         """A name a person reads: `L2 head 3 ' to'@7 <- ' Mary'@4`."""
@@ -116,6 +120,12 @@ class NodeTable:
             nodes=[self.nodes[i] for i in order],
             values={g: [v[i] for i in order] for g, v in self.values.items()},
             columns={name: [v[i] for i in order] for name, v in self.columns.items()},
+            explanations=None
+            if self.explanations is None
+            else [self.explanations[i] for i in order],
+            explanation_scores=None
+            if self.explanation_scores is None
+            else [self.explanation_scores[i] for i in order],
         )
 
     def column_values(self) -> dict[str, list[float]]:
@@ -137,8 +147,16 @@ class NodeTable:
                     "values": values,
                 }
                 | values
+                | self.explanation_fields(i)
             )
         return rows
+
+    def explanation_fields(self, i: int) -> dict[str, Json]:
+        """Row i's `explanation` and `explanation_score`, when the table has explanations."""
+        if self.explanations is None:
+            return {}
+        scores = self.explanation_scores or [None] * len(self.nodes)
+        return {"explanation": self.explanations[i], "explanation_score": finite(scores[i])}
 
     def direction_json(self) -> dict[str, Json]:
         out = self.direction.to_json() | {
@@ -188,12 +206,14 @@ class NodeTable:
         if any(node.site is not None for node in self.nodes):
             columns.insert(5, "site")
         columns += list(self.column_values())
+        if self.explanations is not None:
+            columns += ["explanation", "explanation_score"]
         rows = [self._frame_row(i, node) for i, node in enumerate(self.nodes)]
         return pd.DataFrame(rows, columns=columns)
 
     def _frame_row(self, i: int, node: NodeIndex) -> dict[str, object]:
         values = {name: column[i] for name, column in self.column_values().items()}
-        return self.identity(node) | values
+        return self.identity(node) | values | self.explanation_fields(i)
 
     def identity(self, node: NodeIndex) -> dict[str, Json]:
         """Which node a row is: id, node type, coordinates, and the name a person reads."""
