@@ -119,6 +119,7 @@ def random_shard(n_windows: int, window: int, d_vocab: int) -> Shard:
         doc_ids=np.arange(n_windows),
         starts=np.zeros(n_windows, dtype=np.int64),
         n_docs=n_windows,
+        context=np.zeros(n_windows, dtype=np.int64),  # each window a document of its own
     )
 
 

@@ -194,13 +194,19 @@ def demo_saes() -> tuple[TransformerModel, list[AttachedSae]]:
     return loaded.model, list(saes)
 
 
-SCAN_ROWS = [(0, 0, BODIES[0]), (0, 11, BODIES[1]), (1, 0, BODIES[2]), (2, 0, BODIES[3])]
+# (doc, start, left context, window): the second window of document 0 runs after 4 tokens of it.
+SCAN_ROWS = [
+    (0, 0, [], BODIES[0]),
+    (0, 11, BODIES[0][-4:], BODIES[1]),
+    (1, 0, [], BODIES[2]),
+    (2, 0, [], BODIES[3]),
+]
 
 
 def test_the_scan_mask_changes_no_record(model: TransformerModel) -> None:
     """The padding mask the scan passes changes nothing a record holds (the causal mask already
     kept padding out of real tokens' attention): bit for bit the arrays of the unmasked run."""
-    shard = _make_shard(0, SCAN_ROWS, window=11, n_docs=3)
+    shard = _make_shard(0, SCAN_ROWS, run=11, n_docs=3)
     sources, settings = model_sources(model), ScanSettings(k=3, window=11, batch_size=4)
     masked = scan_shard(model, sources, shard, settings).to_arrays()
     with mock.patch.object(tdb.scan.shard, "padding_mask", lambda lengths, n_pos: None):
@@ -215,7 +221,7 @@ def test_scan_batches_equal_one_window_at_a_time(model: TransformerModel) -> Non
     running each window alone gives: each component's top examples' activations and its
     statistics. (Which of two examples within float rounding of each other ranks k-th may
     differ, so the documents are not compared.)"""
-    shard = _make_shard(0, SCAN_ROWS, window=11, n_docs=3)
+    shard = _make_shard(0, SCAN_ROWS, run=11, n_docs=3)
     sources = model_sources(model)
     batched = scan_shard(model, sources, shard, ScanSettings(k=3, window=11, batch_size=4))
     alone = scan_shard(model, sources, shard, ScanSettings(k=3, window=11, batch_size=1))
