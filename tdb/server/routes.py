@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
 
 from tdb.attribution import Task
 from tdb.errors import TdbError
+from tdb.investigation import tdb_version
 from tdb.metrics import ALL_GROUPS
 from tdb.nodes import NodeType
 from tdb.server.schemas import (
@@ -76,6 +78,9 @@ async def model_info(state: State) -> ModelInfo:
         max_k=MAX_K,
         groups=list(ALL_GROUPS),
         node_types=[NodeType.EMBEDDING, NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON],
+        # Hashed once, off the event loop (a large model's weights take seconds).
+        fingerprint=await run_in_threadpool(lambda: state.loaded.fingerprint),
+        tdb_version=tdb_version(),
     )
 
 

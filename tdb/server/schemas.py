@@ -156,6 +156,11 @@ class ModelInfo(BaseModel):
     max_k: int
     groups: list[Group]
     node_types: list[NodeType]
+    fingerprint: str = Field(
+        description="a hash of the model's config and weights (tdb.fingerprint), for saved "
+        "investigations"
+    )
+    tdb_version: str = Field(description="the tdb package's version")
 
 
 class Direction(BaseModel):
