@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
@@ -29,6 +31,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 120_000
 MAX_BYTES = 300_000
 VIEWPORT = {"width": 1400, "height": 900}
+IOI = {
+    "prompt": "When Mary and John went to the store, John gave a drink to",
+    "target": " Mary",
+    "distractor": " John",
+}
 
 
 class PageChangedError(Exception):
@@ -72,11 +79,14 @@ def start_server(scan: Path, port: int) -> subprocess.Popen[bytes]:
     sys.exit("screenshots: tdb serve did not answer within 120 s")
 
 
-def wait(page: Page, selector: str, what: str, text: str | None = None) -> None:
-    """Wait for `selector` (with `text`, if given), or stop: the page no longer has it."""
+def wait(
+    page: Page, selector: str, what: str, text: str | None = None, visible: bool = True
+) -> None:
+    """Wait for `selector` (with `text`, if given; in the DOM, if not `visible`), or stop: the
+    page no longer has it."""
     try:
         locator = page.locator(selector).first
-        locator.wait_for(state="visible", timeout=TIMEOUT_MS)
+        locator.wait_for(state="visible" if visible else "attached", timeout=TIMEOUT_MS)
         if text is not None:
             page.wait_for_function(
                 "([s, t]) => document.querySelector(s)?.textContent.includes(t)",
@@ -115,6 +125,19 @@ def shoot(page: Page, path: Path) -> None:
     )
 
 
+def top_head(base: str) -> dict[str, Any]:
+    """The IOI example's attention head with the largest direct effect (POST /api/nodes)."""
+    body = {**IOI, "k": 5, "node_types": ["attention_head"], "sort": "direct_effect"}
+    request = urllib.request.Request(
+        f"{base}/api/nodes", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        nodes = json.load(response)["nodes"]
+    if not nodes or not nodes[0].get("component"):
+        raise PageChangedError("POST /api/nodes: no attention head with a component page")
+    return dict(nodes[0])
+
+
 def screenshots(base: str, out: Path, work: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -132,21 +155,20 @@ def screenshots(base: str, out: Path, work: Path) -> None:
         idle(page)
         shoot(page, out / "ioi.png")
 
-        head = page.locator("#node-table tbody tr[data-node^='h'] button[data-action='ablate']")
-        wait(
-            page,
-            "#node-table tbody tr[data-node^='h'] button[data-action='ablate']",
-            "an attention head row's ablate button",
-        )
-        head.first.click()
+        # The head with the largest direct effect (asked of the API, whatever the table's
+        # order): its ablation and its component page.
+        head = top_head(base)
+        button = f"#node-table tbody tr[data-node='{head['id']}'] button[data-action='ablate']"
+        wait(page, button, f"the ablate button of {head['id']}'s row")
+        page.click(button)
         wait(page, "[data-testid='ablation']", "the ablation chip")
         wait(page, "#direction-extra", "the value before the ablation", "before ablation")
         idle(page)
+        # The direction's value (before / after) at the top, the diff columns below it.
+        page.locator("#direction-value").evaluate(
+            "e => window.scrollTo(0, e.getBoundingClientRect().top + window.scrollY - 60)"
+        )
         shoot(page, out / "ablation.png")
-
-        link = page.locator("#node-table a[href^='/component/']").first
-        wait(page, "#node-table a[href^='/component/']", "a component page link in the table")
-        href = link.get_attribute("href")
 
         wait(page, "#save-investigation", "the Save button")
         with page.expect_download() as download:
@@ -157,13 +179,13 @@ def screenshots(base: str, out: Path, work: Path) -> None:
         reopened = context.new_page()
         reopened.set_default_timeout(TIMEOUT_MS)
         reopened.goto(base + "/")
-        wait(reopened, "#open-investigation", "the Open file input")
+        wait(reopened, "#open-investigation", "the Open file input", visible=False)
         reopened.set_input_files("#open-investigation", str(saved))
         wait(reopened, "#investigation-banner", "the opened investigation banner", "restored view")
         idle(reopened)
         shoot(reopened, out / "investigation.png")
 
-        page.goto(base + str(href))
+        page.goto(base + head["component"])
         wait(page, "h1", "the component page's title")
         page.wait_for_load_state("networkidle")
         shoot(page, out / "component.png")

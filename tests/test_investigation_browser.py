@@ -98,6 +98,14 @@ def test_save_open_and_replay(
     assert last["request"]["requests"][0]["request"]["ablate"] == [head_id]
     assert last["status"] == 200 and last["response"]["responses"][0]["status"] == 200
 
+    # The record follows the investigation to another page of the same tab.
+    page.click("#dataset-tab")
+    expect(page.locator("#investigation-tools")).to_be_visible()
+    with page.expect_download() as elsewhere:
+        page.click("#save-investigation")
+    elsewhere.value.save_as(tmp_path / "elsewhere.json")
+    assert json.loads((tmp_path / "elsewhere.json").read_text())["steps"] == doc["steps"]
+
     # Open it in a fresh page (its own browser context: nothing shared but the file).
     fresh = new_page(browser, errors)
     fresh.goto(base_url + "/dataset")

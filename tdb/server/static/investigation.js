@@ -4,18 +4,21 @@
 // step, and when it sends that step's request again the live response is compared with the
 // saved one (numbers within a tolerance, node lists by id, as `tdb replay` does).
 //
-// The opened file crosses the page change in sessionStorage; its steps stay in the record, so a
-// Save after Open holds the old steps and the new ones.
+// The record lives in the tab's sessionStorage, so it follows the investigation from page to
+// page (the node table, a component, the dataset view) and survives a reload; a new tab starts
+// a new one. Open replaces it with the file's steps, so a Save after Open holds the old steps
+// and the new ones.
 
 import { $, apiListeners, el, getJson } from "/static/common.js";
 
 const FORMAT = "tdb-investigation";
 const VERSION = 1;
-const OPENED = "tdb-investigation-opened"; // the sessionStorage key
+const OPENED = "tdb-investigation-opened"; // sessionStorage keys: the file Open restores,
+const STEPS = "tdb-investigation-steps"; // and the record
 const RTOL = 1e-4;
 const ATOL = 1e-5;
 
-let steps = [];
+let steps = stored();
 let opened = null; // {name, created, count, model, last, checked}
 let modelInfo = null;
 
@@ -24,7 +27,26 @@ let modelInfo = null;
 apiListeners.push((step) => {
   if (opened && !opened.checked && restoredStep(step)) return; // the view Open restored
   steps.push({ ...step, time: new Date().toISOString() });
+  store();
 });
+
+function stored() {
+  try {
+    const value = JSON.parse(sessionStorage.getItem(STEPS) ?? "[]");
+    return Array.isArray(value) ? value : [];
+  } catch {
+    return [];
+  }
+}
+
+// Past the browser's quota (a few MB) the record stays in this page only: Save still has it.
+function store() {
+  try {
+    sessionStorage.setItem(STEPS, JSON.stringify(steps));
+  } catch {
+    sessionStorage.removeItem(STEPS);
+  }
+}
 
 function canonical(value) {
   if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
@@ -117,6 +139,7 @@ function restoreOpened() {
   sessionStorage.removeItem(OPENED);
   const state = JSON.parse(raw);
   steps = state.steps;
+  store();
   const last = steps.at(-1) ?? null;
   opened = { ...state, last, checked: !last, note: "" };
   delete opened.steps;
