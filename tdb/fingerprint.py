@@ -2,13 +2,13 @@
 saved investigation can tell whether it is replayed on the same checkpoint.
 
 >>> model_fingerprint(load_model().model)
-'sha256:3f1c...'
+'sha256:98a6231a2f77511bebfdd6bcaf5cb633d0253e8a397b01d4c0cc4aedd5c190df'
 
 Hashing every weight, rather than a checkpoint file's header, is what makes the fingerprint
 independent of how the weights were stored (safetensors, shards, a `.bin`, a model built in
-memory) and sensitive to any change of any weight. It reads each tensor's bytes once: about
-2 ms for the demo model (1.3 M parameters), about 1 s per GB of weights; `LoadedModel.fingerprint`
-computes it once and keeps it.
+memory) and sensitive to any change of any weight. It reads each tensor's bytes once, without a
+copy: measured 56 ms for the demo model (10.6 MB of float32 weights) and 2.3 s per GB, on 2
+shared CPU cores; `LoadedModel.fingerprint` computes it once and keeps it.
 """
 
 from __future__ import annotations
@@ -32,5 +32,5 @@ def model_fingerprint(model: TransformerModel | nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(flat.view(torch.uint8).numpy())  # its buffer, not a copy
     return f"sha256:{digest.hexdigest()}"
