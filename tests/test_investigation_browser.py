@@ -6,41 +6,21 @@ rendering its route list with every request off this server aborted."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from live_server import live_server
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+import test_server_browser
+from playwright.sync_api import Browser, Page, Route, expect
 
-from tdb.checkpoint import LoadedModel
 from tdb.cli import main
-from tdb.server.app import create_app
 
 pytestmark = pytest.mark.slow  # headless Chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_MS = 60_000
-expect.set_options(timeout=TIMEOUT_MS)
-
-
-@pytest.fixture(scope="module")
-def base_url(demo: LoadedModel) -> Iterator[str]:
-    with live_server(create_app(demo)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: bash scripts/setup.sh installs Debian's chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--headless"]
-        )
-        yield browser
-        browser.close()
+# The same live demo server and Chromium as the page's other browser tests.
+base_url = test_server_browser.base_url
+browser = test_server_browser.browser
+TIMEOUT_MS = test_server_browser.TIMEOUT_MS
 
 
 def new_page(browser: Browser, errors: list[str]) -> Page:
