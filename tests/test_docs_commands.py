@@ -35,10 +35,10 @@ RUN = {
     r"^bash scripts/test.sh": "CI itself (.ci/run runs it)",
     r"^tdb (task|attribute) ": "test_attribution_docs.py::test_attribution_commands_run",
     r"^tdb circuit ": "test_circuit_docs.py (its commands test)",
+    r"^tdb replay ioi\.tdb\.json": "test_investigation.py::test_docs_replay_commands_run",
     r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
     r"^tdb (scan|explain) --(out|scan) DIR": "test_explain.py::test_docs_table_is_current",
     r"^python -m tdb\.explain\.report": "test_explain.py::test_docs_table_is_current",
-    r"^tdb replay ioi\.tdb\.json": "test_investigation.py::test_docs_replay_commands_run",
 }
 # Commands not run by a test, and why.
 EXEMPT = {
