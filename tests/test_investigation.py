@@ -65,6 +65,7 @@ STEPS: list[tuple[str, dict[str, Any]]] = [
     ("/api/nodes", {**IOI, "ablate": ["h9.9@13:1"]}),  # a 400: saved and replayed as one
     ("/api/nodes", {**IOI, "k": 100000}),  # a 422
     ("/api/attribute", {"task": {"name": "ioi", "n": 2}, "methods": ["atp"], "k": 5}),
+    ("/api/circuit", {"task": {"name": "ioi", "n": 2}, "max_components": 4, "max_edges": 5}),
 ]
 
 
@@ -99,7 +100,8 @@ def record(client: TestClient, steps: list[tuple[str, dict[str, Any]]]) -> dict[
 def saved(demo: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with TestClient(create_app(demo, max_prompt_tokens=64), base_url=LOCAL) as client:
         doc = record(client, STEPS)
-    assert [s["status"] for s in doc["steps"]] == [200, 200, 200, 200, 400, 422, 200]
+    assert [s["status"] for s in doc["steps"]] == [200, 200, 200, 200, 400, 422, 200, 200]
+    assert "from" in doc["steps"][-1]["response"]["edges"][0]  # sent by alias
     path = tmp_path_factory.mktemp("investigation") / "ioi.tdb.json"
     path.write_text(json.dumps(doc))
     return path

@@ -125,6 +125,12 @@ def test_save_open_and_replay(
     expect(banner).to_contain_text("the restored view differs from the saved result")
     expect(banner).to_contain_text(f"nodes[{node['id']}].values.direct_effect")
 
+    # A file saved with another model: the banner names both fingerprints.
+    doc["model"] = {"name": "elsewhere", "fingerprint": "sha256:0123456789abcdef"}
+    edited.write_text(json.dumps(doc))
+    fresh.set_input_files("#open-investigation", str(edited))
+    expect(banner).to_contain_text("saved with model elsewhere (0123456789ab), now demo (")
+
     # A file that is not an investigation: a message, the page stays where it is.
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     fresh.set_input_files("#open-investigation", str(tmp_path / "bad.json"))
