@@ -160,3 +160,27 @@ def test_docs_render_offline(browser: Browser, base_url: str) -> None:
     }
     assert blocked == []
     assert errors == []
+
+
+def test_a_dataset_view_round_trip(browser: Browser, base_url: str, tmp_path: Path) -> None:
+    """The dataset view's request is in its URL: Open runs it again and compares."""
+    errors: list[str] = []
+    page = new_page(browser, errors)
+    page.goto(base_url + "/dataset?task=ioi&n=4&seed=0&method=atp&component=heads&ig_steps=10")
+    expect(page.locator("#status")).to_have_text("")
+    expect(page.locator("#run")).to_be_enabled()
+    with page.expect_download() as download:
+        page.click("#save-investigation")
+    saved = tmp_path / "dataset.json"
+    download.value.save_as(saved)
+    steps = json.loads(saved.read_text())["steps"]
+    assert [s["route"] for s in steps] == ["/api/attribute"] and steps[0]["status"] == 200
+
+    fresh = new_page(browser, errors)
+    fresh.goto(base_url + "/")
+    fresh.set_input_files("#open-investigation", str(saved))
+    banner = fresh.locator("#investigation-banner")
+    expect(banner).to_contain_text("opened investigation dataset.json (1 step, saved ")
+    expect(banner).to_contain_text("the restored view matches the saved result")
+    assert fresh.url == page.url
+    assert errors == []

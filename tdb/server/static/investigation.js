@@ -17,6 +17,7 @@ const OPENED = "tdb-investigation-opened"; // sessionStorage keys: the file Open
 const STEPS = "tdb-investigation-steps"; // and the record
 const RTOL = 1e-4;
 const ATOL = 1e-5;
+const NOT_COMPARED_MS = 60_000;
 
 let steps = stored();
 let opened = null; // {name, created, count, model, last, checked}
@@ -25,6 +26,7 @@ let modelInfo = null;
 // ---- recording ------------------------------------------------------------------------------
 
 apiListeners.push((step) => {
+  if (step.status === 503) return; // the server was busy: no result, the page retries
   if (opened && !opened.checked && restoredStep(step)) return; // the view Open restored
   steps.push({ ...step, time: new Date().toISOString() });
   store();
@@ -143,9 +145,22 @@ function restoreOpened() {
   const last = steps.at(-1) ?? null;
   opened = { ...state, last, checked: !last, note: "" };
   delete opened.steps;
-  if (last) opened.note = "recomputing the restored view…";
+  if (last) {
+    opened.note = "recomputing the restored view…";
+    setTimeout(notCompared, NOT_COMPARED_MS);
+  }
   showOpened();
   checkModel();
+}
+
+// A page whose URL does not hold its whole request (an uploaded JSONL file) sends none of the
+// saved ones again.
+function notCompared() {
+  if (opened.checked) return;
+  opened.checked = true;
+  opened.note = `the page sent none of the file's requests again within ${NOT_COMPARED_MS / 1000} s ` +
+    "(its URL may not hold the whole request, e.g. an uploaded file): not compared";
+  showOpened();
 }
 
 async function checkModel() {
@@ -187,7 +202,8 @@ function comparable(step) {
 function showOpened(kind = "") {
   const saved = new Date(opened.created);
   const date = Number.isNaN(saved.getTime()) ? opened.created : saved.toLocaleString();
-  const parts = [`opened investigation ${opened.name} (${opened.count} steps, saved ${date})`];
+  const steps = `${opened.count} step${opened.count === 1 ? "" : "s"}`;
+  const parts = [`opened investigation ${opened.name} (${steps}, saved ${date})`];
   if (opened.modelNote) parts.push(opened.modelNote);
   if (opened.note) parts.push(opened.note);
   banner(parts.join(" — "), kind || (opened.modelNote ? "changed" : ""));
