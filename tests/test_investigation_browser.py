@@ -167,6 +167,10 @@ def test_a_dataset_view_round_trip(browser: Browser, base_url: str, tmp_path: Pa
     errors: list[str] = []
     page = new_page(browser, errors)
     page.goto(base_url + "/dataset?task=ioi&n=4&seed=0&method=atp&component=heads&ig_steps=10")
+    # The page runs the URL's request once it has started: wait until it is recorded.
+    page.wait_for_function(
+        "() => JSON.parse(sessionStorage.getItem('tdb-investigation-steps') ?? '[]').length > 0"
+    )
     expect(page.locator("#status")).to_have_text("")
     expect(page.locator("#run")).to_be_enabled()
     with page.expect_download() as download:
