@@ -181,7 +181,12 @@ def screenshots(base: str, out: Path, work: Path) -> None:
         reopened.goto(base + "/")
         wait(reopened, "#open-investigation", "the Open file input", visible=False)
         reopened.set_input_files("#open-investigation", str(saved))
-        wait(reopened, "#investigation-banner", "the opened investigation banner", "restored view")
+        wait(
+            reopened,
+            "#investigation-banner",
+            "the opened investigation banner",
+            "restored view matches",
+        )
         idle(reopened)
         shoot(reopened, out / "investigation.png")
 
