@@ -163,23 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    replay = commands.add_parser(
-        "replay",
-        help="recompute a saved investigation and report what changed",
-        description="Recompute every step of an investigation file (the web page's Save) and "
-        "compare each response with the saved one, numbers within a tolerance. Exit 0 when all "
-        "are the same, 1 when some differ, 2 on a bad file. See docs/investigations.md.",
-    )
-    replay.add_argument("file", help="an investigation file (.json) saved by the page")
-    replay.add_argument(
-        "--model", help="checkpoint directory or cached model name (default: the file's model)"
-    )
-    replay.add_argument("--json", action="store_true", help="print the report as JSON")
-    replay.add_argument("--rtol", default="1e-4", help="relative tolerance (default 1e-4)")
-    replay.add_argument("--atol", default="1e-5", help="absolute tolerance (default 1e-5)")
-
-
 def add_pair_options(command: argparse.ArgumentParser) -> None:
     """The dataset and the options `tdb attribute` and `tdb circuit` share."""
     command.add_argument("dataset", help="JSONL file of prompt pairs (- reads standard input)")
@@ -616,6 +599,23 @@ def run_circuit(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     else:
         print_circuit(circuit, loaded.name)
+
+
+def add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="recompute a saved investigation and report what changed",
+        description="Recompute every step of an investigation file (the web page's Save) and "
+        "compare each response with the saved one, numbers within a tolerance. Exit 0 when all "
+        "are the same, 1 when some differ, 2 on a bad file. See docs/investigations.md.",
+    )
+    replay.add_argument("file", help="an investigation file (.json) saved by the page")
+    replay.add_argument(
+        "--model", help="checkpoint directory or cached model name (default: the file's model)"
+    )
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.add_argument("--rtol", default="1e-4", help="relative tolerance (default 1e-4)")
+    replay.add_argument("--atol", default="1e-5", help="absolute tolerance (default 1e-5)")
 
 
 def parse_tolerance(text: str, flag: str) -> float:

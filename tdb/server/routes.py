@@ -7,10 +7,10 @@ Every route has a response model; errors are JSON `{"error": "..."}` with a 4xx 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.concurrency import run_in_threadpool
 
 from tdb.attribution import Task
 from tdb.errors import TdbError
@@ -67,6 +67,9 @@ async def model_info(state: State) -> ModelInfo:
     return ModelInfo(
         name=state.loaded.name,
         architecture=type(state.loaded.model).__name__,
+        # Hashed once, off the event loop (a large model's weights take seconds).
+        fingerprint=await asyncio.to_thread(lambda: state.loaded.fingerprint),
+        tdb_version=tdb_version(),
         n_layer=config.n_layer,
         n_head=config.n_head,
         d_model=config.d_model,
@@ -78,9 +81,6 @@ async def model_info(state: State) -> ModelInfo:
         max_k=MAX_K,
         groups=list(ALL_GROUPS),
         node_types=[NodeType.EMBEDDING, NodeType.ATTENTION_HEAD, NodeType.MLP_NEURON],
-        # Hashed once, off the event loop (a large model's weights take seconds).
-        fingerprint=await run_in_threadpool(lambda: state.loaded.fingerprint),
-        tdb_version=tdb_version(),
     )
 
 
