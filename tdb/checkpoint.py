@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +37,7 @@ from tdb.device import (
     resolve_placement,
 )
 from tdb.errors import TdbError, reason
+from tdb.fingerprint import model_fingerprint
 from tdb.models import gpt2, llama, neox
 from tdb.models.base import ModelConfig, TransformerModel
 from tdb.models.hf import HFConfig
@@ -72,6 +74,11 @@ class LoadedModel:
         >>> result.cache["resid_pre", 1]  # [batch pos d_model], right-padded
         """
         return run_with_cache(self.model, self.tokenizer, prompts, cache=cache, hooks=hooks)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the model's config and weights (`tdb.fingerprint`), computed once."""
+        return model_fingerprint(self.model)
 
 
 def hf_cache_dirs() -> list[Path]:

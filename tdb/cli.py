@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_parser(commands)
     add_explain_parser(commands)
     add_attribution_parsers(commands)
+    add_replay_parser(commands)
     return parser
 
 
@@ -730,6 +731,60 @@ def run_circuit(args: argparse.Namespace) -> None:
         print_circuit(circuit, loaded.name)
 
 
+def add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="recompute a saved investigation and report what changed",
+        description="Recompute every step of an investigation file (the web page's Save) and "
+        "compare each response with the saved one, numbers within a tolerance. Exit 0 when all "
+        "are the same, 1 when some differ, 2 on a bad file. See docs/investigations.md.",
+    )
+    replay.add_argument("file", help="an investigation file (.json) saved by the page")
+    replay.add_argument(
+        "--model", help="checkpoint directory or cached model name (default: the file's model)"
+    )
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.add_argument("--rtol", default="1e-4", help="relative tolerance (default 1e-4)")
+    replay.add_argument("--atol", default="1e-5", help="absolute tolerance (default 1e-5)")
+
+
+def parse_tolerance(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TdbError(f"{flag}: {text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise TdbError(f"{flag}: must be a finite number >= 0, got {text}")
+    return value
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """`tdb replay FILE`: 0 when every step is the same, 1 when some differ."""
+    rtol = parse_tolerance(args.rtol, "--rtol")
+    atol = parse_tolerance(args.atol, "--atol")
+    from tdb.checkpoint import load_model
+    from tdb.investigation import read_investigation
+    from tdb.replay import replay
+
+    investigation = read_investigation(Path(args.file))
+    model = args.model
+    if model is None and investigation.model.name != "demo":
+        model = investigation.model.name
+    try:
+        loaded = load_model(model)
+    except TdbError as e:
+        if args.model is not None:
+            raise
+        raise TdbError(f"{e} (the file's model; give another with --model)") from None
+    report = replay(loaded, investigation, rtol=rtol, atol=atol)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.same else 1
+
+
 def check_utf8(argv: Sequence[str]) -> None:
     """Refuse arguments that are not UTF-8 text. Python hands such bytes over as lone surrogates
     (`tdb nodes $'\\xff'` arrives as '\\udcff'), which the tokenizer and the JSON output
@@ -768,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_attribute(args)
         elif args.command == "circuit":
             run_circuit(args)
+        elif args.command == "replay":
+            return run_replay(args)
     except TdbError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2

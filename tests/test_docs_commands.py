@@ -35,6 +35,7 @@ RUN = {
     r"^bash scripts/test.sh": "CI itself (.ci/run runs it)",
     r"^tdb (task|attribute) ": "test_attribution_docs.py::test_attribution_commands_run",
     r"^tdb circuit ": "test_circuit_docs.py (its commands test)",
+    r"^tdb replay ioi\.tdb\.json": "test_investigation.py::test_docs_replay_commands_run",
     r"^python -m tdb\.attribution\.quality": "test_attribution_docs.py (the quality table test)",
     r"^tdb (scan|explain) --(out|scan) DIR": "test_explain.py::test_docs_table_is_current",
     r"^python -m tdb\.explain\.report": "test_explain.py::test_docs_table_is_current",
@@ -50,6 +51,8 @@ EXEMPT = {
     r"^python -m tdb\.demo\.train": "trains the demo model: 43 minutes",
     r"^python -m tdb\.demo\.sae\.train": "trains the demo SAEs: about 12 minutes",
     r"^python benchmarks/": "a benchmark (minutes of timed runs), not a test",
+    r"^python scripts/screenshots\.py": "rewrites docs/img/*.png (a scan, a server, chromium: "
+    "about a minute); the browser tests cover the same page flows",
 }
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +35,7 @@ from tdb.server.state import ServerState
 from tdb.server.worker import ModelWorker, QueueFullError
 
 STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER_UI_DIR = Path(str(files("fastapi_offline") / "static"))  # Swagger UI's JS and CSS
 MAX_BODY_BYTES = 4 << 20  # far above any request the schema allows, far below harm
 # The names a server answers to unless told more (`allowed_hosts`, `tdb serve --allow-host`).
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -72,6 +75,8 @@ def create_app(
         summary="A transformer debugger: which components made the model say this, and how much",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's loads Swagger UI from a CDN
+        redoc_url=None,
     )
     app.state.tdb = state
     app.include_router(router)
@@ -81,6 +86,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(HostCheck, allowed=(*LOCAL_HOSTS, *allowed_hosts))  # outermost: first
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_docs(app)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -95,6 +101,26 @@ def create_app(
         return FileResponse(STATIC_DIR / "circuit.html")
 
     return app
+
+
+def add_docs(app: FastAPI) -> None:
+    """`/docs`: Swagger UI on the app's `/openapi.json`, its JavaScript and CSS served from the
+    copy the `fastapi-offline` package ships (Swagger UI 5, Apache-2.0) under `/docs-assets/`,
+    so the page works with no network. No favicon and no validator badge: both would be
+    requests to other hosts."""
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title="tdb: HTTP API",
+            swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+            swagger_favicon_url="data:,",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
 
 
 class BodyLimit:

@@ -7,12 +7,14 @@ Every route has a response model; errors are JSON `{"error": "..."}` with a 4xx 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from tdb.attribution import Task
 from tdb.errors import TdbError
+from tdb.investigation import tdb_version
 from tdb.metrics import ALL_GROUPS
 from tdb.nodes import LatentSite, NodeType
 from tdb.server.schemas import (
@@ -66,6 +68,9 @@ async def model_info(state: State) -> ModelInfo:
     return ModelInfo(
         name=state.loaded.name,
         architecture=type(state.loaded.model).__name__,
+        # Hashed once, off the event loop (a large model's weights take seconds).
+        fingerprint=await asyncio.to_thread(lambda: state.loaded.fingerprint),
+        tdb_version=tdb_version(),
         n_layer=config.n_layer,
         n_head=config.n_head,
         d_model=config.d_model,

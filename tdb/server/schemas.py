@@ -165,6 +165,11 @@ class ModelInfo(BaseModel):
     d_vocab: int
     n_ctx: int
     has_tokenizer: bool
+    fingerprint: str = Field(
+        description="a hash of the model's config and weights (tdb.fingerprint), for saved "
+        "investigations"
+    )
+    tdb_version: str = Field(description="the tdb package's version")
     max_prompt_tokens: int
     max_k: int
     groups: list[Group]

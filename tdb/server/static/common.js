@@ -18,13 +18,18 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Every POST and its answer go to these listeners (investigation.js records them for Save).
+export const apiListeners = [];
+
 export async function postJson(path, body) {
+  const page = window.location.pathname + window.location.search;
   const response = await fetch(path, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(body),
   });
   const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  for (const listen of apiListeners) listen({ route: path, request: body, status: response.status, response: data, page });
   if (!response.ok) throw new Error(data.error ?? `HTTP ${response.status}`);
   return data;
 }
