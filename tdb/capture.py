@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tdb.attention_chunks import chunk_rows, head_layer_dense, head_layer_pruned
 from tdb.direction import Direction
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
 from tdb.latents import LATENT_POINTS, SITE_OF_LATENT_POINT, attach, check_saes, write_directions
@@ -33,7 +34,6 @@ from tdb.metrics import (
     Metric,
     MlpInputs,
     ReadOut,
-    is_signed,
     metric_function,
     needs_gradient,
     needs_values,
@@ -42,7 +42,7 @@ from tdb.metrics import (
 from tdb.models.base import TransformerModel
 from tdb.nodes import INDEX, LAYER, NO_COORD, SITE, SITES, TOKEN, LatentSite, NodeType
 from tdb.sae import AttachedSae
-from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, ranked
+from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, top_and_bottom
 
 
 @dataclass(frozen=True)
@@ -77,15 +77,22 @@ class LayeredBlockBuilder:
         if self.prune_k is None:  # keep the whole grid; entries that are not nodes become NaN
             self.layers[layer] = {g: v.masked_fill(~self.nodes, math.nan) for g, v in flat.items()}
             return
-        keep = [ranked(flat[g], self.prune_k, valid=self.nodes) for g in self.groups]
-        keep += [
-            ranked(flat[g], self.prune_k, largest=False, valid=self.nodes)
-            for g in self.groups
-            if is_signed(g)
-        ]
-        kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
+        kept = top_and_bottom(flat, self.prune_k, self.nodes)  # ascending: grid order
         self.kept[layer] = kept
         self.layers[layer] = {g: v[kept] for g, v in flat.items()}
+
+    def add_heads(self, layer: int, x: AttentionInputs, rows: int | None) -> None:
+        """One layer of attention heads, its metrics computed `rows` queries at a time
+        (tdb.attention_chunks; None: as many as its memory budget allows)."""
+        n_head, n_pos, _ = x.probs.shape
+        self.layer_shape = (n_head, n_pos, n_pos)
+        rows = chunk_rows(n_head, n_pos) if rows is None else rows
+        if self.prune_k is None:
+            self.layers[layer] = head_layer_dense(x, self.groups, self.last_token, rows)
+        else:
+            self.kept[layer], self.layers[layer] = head_layer_pruned(
+                x, self.groups, self.last_token, rows, self.prune_k
+            )
 
     def build(self) -> NodeBlock:
         layers = sorted(self.layers)
@@ -117,11 +124,7 @@ class LatentBlockBuilder:
         if self.prune_k is None:
             kept = torch.arange(len(flat[self.groups[0]]))
         else:
-            keep = [ranked(flat[g], self.prune_k) for g in self.groups]
-            keep += [
-                ranked(flat[g], self.prune_k, largest=False) for g in self.groups if is_signed(g)
-            ]
-            kept = torch.unique(torch.cat(keep))  # ascending: token, then latent
+            kept = top_and_bottom(flat, self.prune_k)  # ascending: token, then latent
         coords = torch.full((len(kept), 5), NO_COORD, dtype=torch.long)
         coords[:, LAYER] = attached.layer
         coords[:, TOKEN] = kept // d_sae
@@ -156,11 +159,14 @@ def capture(
     prune_k: int | None = None,
     hooks: Hooks = NO_HOOKS,
     saes: Sequence[AttachedSae] = (),
+    query_chunk: int | None = None,
 ) -> Capture:
     """Run the model once (forward, and backward if needed) and derive every metric in `groups`.
 
     `hooks` (e.g. ablations) run before the capture's own, so the metrics see their effect.
     `saes` are attached inside the forward pass (tdb.latents); their latents become nodes.
+    `query_chunk`: attention metrics are computed that many queries at a time (default: from
+    a memory budget, see tdb.attention_chunks).
 
     >>> cap = capture(model, torch.tensor([5, 9, 2]), LogitDiff((7,), (8,), 2), ALL_GROUPS)
     >>> cap.store.topk(Group.DIRECT_EFFECT, NodeType.MLP_NEURON, 5)
@@ -197,7 +203,9 @@ def capture(
         v = saved.pop((HookPoint.V, layer))[0].detach() if reads_values else None
         W_O = model.block(layer).attn.W_O.detach()
         grad = None if grad_probs is None else grad_probs[0]
-        derive(NodeType.ATTENTION_HEAD, AttentionInputs(probs, grad, v, W_O, read[0]), layer)
+        inputs = AttentionInputs(probs, grad, v, W_O, read[0])
+        with torch.no_grad():
+            builders[NodeType.ATTENTION_HEAD].add_heads(layer, inputs, query_chunk)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
         post = saved.pop((HookPoint.MLP_POST, layer))[0].detach()
