@@ -91,8 +91,9 @@ def build_llama_checkpoint(directory: Path) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one whole process."""
+def measure(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system; steadier on a shared machine) and peak RSS
+    (MiB) of one whole process."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -101,7 +102,7 @@ def measure(command: list[str]) -> tuple[float, float]:
         raise SystemExit(
             f"{command[0]} failed: {process.stderr.read().decode() if process.stderr else ''}"
         )
-    return elapsed, usage.ru_maxrss / 1024  # Linux reports KiB
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def main() -> None:
@@ -125,6 +126,9 @@ def main() -> None:
         "floor s",
         "tdb s",
         "time ratio",
+        "floor CPU s",
+        "tdb CPU s",
+        "CPU ratio",
         "floor MiB",
         "tdb MiB",
         "memory ratio",
@@ -171,13 +175,18 @@ def main() -> None:
                 tdb_runs.append(measure(tdb_cmd))
             ft = statistics.median(r[0] for r in floor_runs)
             tt = statistics.median(r[0] for r in tdb_runs)
-            fm = statistics.median(r[1] for r in floor_runs)
-            tm = statistics.median(r[1] for r in tdb_runs)
+            fc = statistics.median(r[1] for r in floor_runs)
+            tc = statistics.median(r[1] for r in tdb_runs)
+            fm = statistics.median(r[2] for r in floor_runs)
+            tm = statistics.median(r[2] for r in tdb_runs)
             table.add_row(
                 str(n),
                 f"{ft:.2f}",
                 f"{tt:.2f}",
                 f"{tt / ft:.2f}x",
+                f"{fc:.2f}",
+                f"{tc:.2f}",
+                f"{tc / fc:.2f}x",
                 f"{fm:.0f}",
                 f"{tm:.0f}",
                 f"{tm / fm:.2f}x",

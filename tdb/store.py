@@ -107,8 +107,16 @@ def first_true(mask: Tensor, n: int, block: int = 1 << 20) -> Tensor:
 def top_and_bottom(values: Mapping[Metric, Tensor], k: int, valid: Tensor | None = None) -> Tensor:
     """What a pruned store keeps of flat `values`: ascending indices of every metric's k largest
     values and every signed metric's k smallest (entries False in `valid` never kept)."""
-    keep = [ranked(v, k, valid=valid) for v in values.values()]
-    keep += [ranked(v, k, largest=False, valid=valid) for g, v in values.items() if is_signed(g)]
+    keep = []
+    for g, v in values.items():
+        if not is_signed(g):
+            keep.append(ranked(v, k, valid=valid))
+            continue
+        low, high = torch.aminmax(v) if len(v) else (torch.tensor(1.0), torch.tensor(1.0))
+        if bool(low == 0) and bool(high == 0):  # e.g. a direct effect away from where it reads
+            keep.append(torch.arange(min(k, len(v))) if valid is None else first_true(valid, k))
+            continue
+        keep += [ranked(v, k, valid=valid), ranked(v, k, largest=False, valid=valid)]
     kept: Tensor = torch.unique(torch.cat(keep))
     return kept
 
