@@ -191,7 +191,7 @@ def main() -> None:
                 f"{tm:.0f}",
                 f"{tm / fm:.2f}x",
             )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -200,3 +200,22 @@ def test_chunk_size_fits_the_memory_budget() -> None:
     assert chunk_rows(16, 4096, budget=8 * 4 * 16 * 4096 * 3) == 3
     assert chunk_rows(64, 1 << 20) == 1  # never below one row
     assert query_ranges(9, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def cast(x: AttentionInputs, dtype: torch.dtype) -> AttentionInputs:
+    grad, v = x.grad_probs, x.v
+    assert grad is not None and v is not None
+    return AttentionInputs(x.probs.to(dtype), grad.to(dtype), v.to(dtype), x.W_O.to(dtype), x.read)
+
+
+def test_half_precision_inputs_are_ranked_in_float32() -> None:
+    """A bfloat16 model's chunks are computed in float32: the same as upcasting first."""
+    half = cast(random_layer(3, 13, (12,), ties=False), torch.bfloat16)
+    upcast = cast(half, torch.float32)
+    want_kept, want = head_layer_pruned(upcast, ALL_GROUPS, 12, 13, 3)
+    for rows in (1, 5):
+        kept, values = head_layer_pruned(half, ALL_GROUPS, 12, rows, 3)
+        assert torch.equal(kept, want_kept)
+        for g in ALL_GROUPS:
+            assert values[g].dtype == torch.float32
+            assert torch.equal(values[g], want[g])
