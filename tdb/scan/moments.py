@@ -36,7 +36,7 @@ class Moments:
     @staticmethod
     def of(acts: Float[Tensor, "batch pos component"], valid: Bool[Tensor, "batch pos"]) -> Moments:
         # [token component]; a batch without padding (most are) needs no copy
-        x = acts.reshape(-1, acts.shape[-1]) if bool(valid.all()) else acts[valid]
+        x = acts.reshape(-1, acts.shape[-1]).contiguous() if bool(valid.all()) else acts[valid]
         n = x.shape[0]
         if n == 0:
             return Moments.empty(acts.shape[-1])
