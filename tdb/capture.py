@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tdb.attention_chunks import chunk_rows, head_layer_dense, head_layer_pruned
 from tdb.direction import Direction
 from tdb.errors import TdbError
 from tdb.hooks import NO_HOOKS, HookPoint, Hooks, compose
@@ -34,7 +35,6 @@ from tdb.metrics import (
     Metric,
     MlpInputs,
     ReadOut,
-    is_signed,
     metric_function,
     needs_gradient,
     needs_values,
@@ -43,7 +43,7 @@ from tdb.metrics import (
 from tdb.models.base import TransformerModel
 from tdb.nodes import INDEX, LAYER, NO_COORD, SITE, SITES, TOKEN, LatentSite, NodeType
 from tdb.sae import AttachedSae
-from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, ranked
+from tdb.store import GridBlock, ListBlock, NodeBlock, ScalarStore, grid_coords, top_and_bottom
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,22 @@ class LayeredBlockBuilder:
         if self.prune_k is None:  # keep the whole grid; entries that are not nodes become NaN
             self.layers[layer] = {g: v.masked_fill(~nodes, math.nan).cpu() for g, v in flat.items()}
             return
-        keep = [ranked(flat[g], self.prune_k, valid=nodes) for g in self.groups]
-        keep += [
-            ranked(flat[g], self.prune_k, largest=False, valid=nodes)
-            for g in self.groups
-            if is_signed(g)
-        ]
-        kept = torch.unique(torch.cat(keep))  # ascending, so grid order within the layer
+        kept = top_and_bottom(flat, self.prune_k, nodes)  # ascending: grid order
         self.kept[layer] = kept.cpu()
         self.layers[layer] = {g: v[kept].cpu() for g, v in flat.items()}
+
+    def add_heads(self, layer: int, x: AttentionInputs, rows: int | None) -> None:
+        """One layer of attention heads, its metrics computed `rows` queries at a time
+        (tdb.attention_chunks; None: as many as its memory budget allows)."""
+        n_head, n_pos, _ = x.probs.shape
+        self.layer_shape = (n_head, n_pos, n_pos)
+        rows = chunk_rows(n_head, n_pos) if rows is None else rows
+        if self.prune_k is None:
+            self.layers[layer] = head_layer_dense(x, self.groups, self.last_token, rows)
+        else:
+            self.kept[layer], self.layers[layer] = head_layer_pruned(
+                x, self.groups, self.last_token, rows, self.prune_k
+            )
 
     def build(self) -> NodeBlock:
         layers = sorted(self.layers)
@@ -120,11 +127,7 @@ class LatentBlockBuilder:
         if self.prune_k is None:
             kept = torch.arange(len(flat[self.groups[0]]))
         else:
-            keep = [ranked(flat[g], self.prune_k) for g in self.groups]
-            keep += [
-                ranked(flat[g], self.prune_k, largest=False) for g in self.groups if is_signed(g)
-            ]
-            kept = torch.unique(torch.cat(keep))  # ascending: token, then latent
+            kept = top_and_bottom(flat, self.prune_k)  # ascending: token, then latent
         coords = torch.full((len(kept), 5), NO_COORD, dtype=torch.long)
         coords[:, LAYER] = attached.layer
         coords[:, TOKEN] = kept // d_sae
@@ -166,16 +169,19 @@ def capture(
     prune_k: int | None = None,
     hooks: Hooks = NO_HOOKS,
     saes: Sequence[AttachedSae] = (),
+    query_chunk: int | None = None,
 ) -> Capture:
     """Run the model once (forward, and backward if needed) and derive every metric in `groups`.
 
     `hooks` (e.g. ablations) run before the capture's own, so the metrics see their effect.
     `saes` are attached inside the forward pass (tdb.latents); their latents become nodes.
+    `query_chunk`: attention metrics are computed that many queries at a time (default: from
+    a memory budget, see tdb.attention_chunks).
 
     >>> cap = capture(model, torch.tensor([5, 9, 2]), LogitDiff((7,), (8,), 2), ALL_GROUPS)
     >>> cap.store.topk(Group.DIRECT_EFFECT, NodeType.MLP_NEURON, 5)
     """
-    return capture_batch(model, [tokens], [direction], groups, prune_k, hooks, saes)[0]
+    return capture_batch(model, [tokens], [direction], groups, prune_k, hooks, saes, query_chunk)[0]
 
 
 def padded(
@@ -217,6 +223,7 @@ def capture_batch(
     prune_k: int | None = None,
     hooks: Hooks = NO_HOOKS,
     saes: Sequence[AttachedSae] = (),
+    query_chunk: int | None = None,
 ) -> list[Capture]:
     """`capture` of several prompts (of any lengths) in one forward and one backward pass: one
     `Capture` per prompt, equal to running it alone (up to float rounding; tests/test_batch.py).
@@ -278,7 +285,8 @@ def capture_batch(
             inputs = AttentionInputs(
                 probs[row, :, :n, :n], grad, rows_of(v, row), W_O, read_on(read[row], W_O)
             )
-            derive(row, NodeType.ATTENTION_HEAD, inputs, layer)
+            with torch.no_grad():
+                builders[row][NodeType.ATTENTION_HEAD].add_heads(layer, inputs, query_chunk)
 
     def finish_mlp(layer: int, grad_post: Tensor | None) -> None:
         post = saved.pop((HookPoint.MLP_POST, layer)).detach()

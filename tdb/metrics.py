@@ -62,12 +62,27 @@ class EmbeddingInputs:
 
 
 @dataclass(frozen=True)
+class KeyTerms:
+    """A head's write at (query, key) is p · (v[key, head] W_O[head]): its per-key factors,
+    computed once per layer so that the layer's query chunks (tdb.attention_chunks) share them."""
+
+    write_norm: Float[Tensor, "key_pos head"]  # ‖v W_O[h]‖
+    write_g: Float[Tensor, "read_pos head key_pos"]  # (v W_O[h]) · g at each read position
+
+
+@dataclass(frozen=True)
 class AttentionInputs:
+    """One layer's heads, or one query chunk of them: `probs` rows are the queries
+    `first_query`, `first_query + 1`, ... and its columns the keys 0, 1, ... (a chunk may stop
+    at its last query: later keys are not nodes)."""
+
     probs: Float[Tensor, "head query_pos key_pos"]
     grad_probs: Float[Tensor, "head query_pos key_pos"] | None
     v: Float[Tensor, "pos head d_head"] | None  # value bias included; only if a metric reads it
     W_O: Float[Tensor, "head d_head d_model"]
     read: ReadOut
+    first_query: int = 0
+    keys: KeyTerms | None = None  # None: computed from v when a metric needs it
 
 
 @dataclass(frozen=True)
@@ -140,21 +155,41 @@ def head_activation(x: AttentionInputs) -> Tensor:
     return x.probs
 
 
-def head_write_norm(x: AttentionInputs) -> Tensor:
+def key_terms(
+    v: Float[Tensor, "pos head d_head"], W_O: Float[Tensor, "head d_head d_model"], read: ReadOut
+) -> KeyTerms:
+    """The per-key factors of every head's write vector (see `KeyTerms`), in float32."""
+    v, W_O = v.float(), W_O.float()
     # ‖v W_O[h]‖² = v · (W_O[h] W_O[h]ᵀ) v: d_head² multiplications per key and head instead of
     # d_head · d_model (the corpus scan computes this for every token of every batch).
-    v = values_or_fail(x.v)
-    gram = torch.einsum("hed,hfd->hef", x.W_O, x.W_O)  # [head d_head d_head]
+    gram = torch.einsum("hed,hfd->hef", W_O, W_O)  # [head d_head d_head]
     squared = torch.einsum("khe,hef,khf->kh", v, gram, v)  # [key_pos head]
-    value_write_norm = squared.clamp(min=0).sqrt()
-    return x.probs * value_write_norm.T[:, None, :]
+    write_g = [
+        torch.einsum("khe,he->hk", v, W_O @ g.float())  # [head key_pos]
+        for g in read.g
+    ]
+    return KeyTerms(
+        squared.clamp(min=0).sqrt(),
+        torch.stack(write_g) if write_g else v.new_zeros(0, v.shape[1], v.shape[0]),
+    )
+
+
+def keys_of(x: AttentionInputs) -> KeyTerms:
+    return key_terms(values_or_fail(x.v), x.W_O, x.read) if x.keys is None else x.keys
+
+
+def head_write_norm(x: AttentionInputs) -> Tensor:
+    n_keys = x.probs.shape[-1]
+    return x.probs * keys_of(x).write_norm[:n_keys].T[:, None, :]  # [head query_pos key_pos]
 
 
 def head_direct_effect(x: AttentionInputs) -> Tensor:
     out = torch.zeros_like(x.probs)
-    for query, g in zip(x.read.positions, x.read.g, strict=True):
-        value_write_g = torch.einsum("khe,he->hk", values_or_fail(x.v), x.W_O @ g)  # [head key]
-        out[:, query] = x.probs[:, query] * value_write_g
+    n_query, n_keys = x.probs.shape[1:]
+    for query, write_g in zip(x.read.positions, keys_of(x).write_g, strict=True):
+        row = query - x.first_query
+        if 0 <= row < n_query:
+            out[:, row] = x.probs[:, row] * write_g[:, :n_keys]
     return out
 
 

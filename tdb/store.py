@@ -17,6 +17,7 @@ Ties rank the node that comes first in grid order (layer, then the node type's g
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -54,35 +55,71 @@ def ranked(values: Tensor, k: int, largest: bool = True, valid: Tensor | None = 
     >>> ranked(torch.tensor([1.0, 3.0, 3.0, float("nan")]), 2)  # tensor([1, 2])
     """
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
-    # Fast path: torch.topk orders ties arbitrarily and ranks NaN above everything. Look a little
-    # past the k-th value: if the last value seen is strictly worse than the k-th, every value
-    # tied with the k-th was seen, and sorting those few by (value, index) is the exact answer.
-    for look_past in (1, 64):
-        if k + look_past > len(values):
-            break
-        top_values, top_indices = chunked_topk(values, k + look_past, largest)
-        kth, last = top_values[k - 1], top_values[-1]
-        if bool(torch.isnan(top_values).any()) or bool(kth == last):
-            continue  # NaN in sight, or the k-th value's ties may go on past what was seen
-        if valid is not None and not bool(valid[top_indices].all()):
-            break  # non-nodes among the best: the slow path excludes them
-        keep = top_values >= kth if largest else top_values <= kth
-        candidates, candidate_values = top_indices[keep], top_values[keep]
-        by_index = torch.argsort(candidates)
-        candidates, candidate_values = candidates[by_index], candidate_values[by_index]
-        order = torch.sort(candidate_values, descending=largest, stable=True).indices
-        return candidates[order[:k]]
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    # Fast path: torch.topk orders ties arbitrarily and ranks NaN above everything. The values
+    # strictly better than the k-th value are all among the top k + 1, and sorting those few by
+    # (value, index) orders them exactly; the ones tied with the k-th value come after, smallest
+    # index first (if the (k+1)-th ties too, more may lie outside the top: a search finds them).
+    if k < len(values):
+        top_values, top_indices = chunked_topk(values, k + 1, largest)
+        if not bool(torch.isnan(top_values).any()):
+            kth = top_values[k - 1]
+            beats = top_values > kth if largest else top_values < kth
+            better, better_values = top_indices[beats], top_values[beats]
+            if valid is None or bool(valid[better].all()):
+                if bool(top_values[k] == kth):
+                    ties = values == kth
+                    tied = first_true(ties if valid is None else ties & valid, k - len(better))
+                else:
+                    tied = top_indices[top_values == kth].sort().values
+                    tied = tied if valid is None else tied[valid[tied]]
+                if len(better) + len(tied) >= k:
+                    by_index = torch.argsort(better)
+                    better, better_values = better[by_index], better_values[by_index]
+                    order = torch.sort(better_values, descending=largest, stable=True).indices
+                    return torch.cat([better[order], tied])[:k]
     signed = values if largest else -values
     valid = ~torch.isnan(signed) if valid is None else valid & ~torch.isnan(signed)
     k = min(k, int(valid.sum()))
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=values.device)
     signed = signed.masked_fill(~valid, -math.inf)
     kth = chunked_topk(signed, k, largest=True)[0][-1]
-    candidates = ((signed >= kth) & valid).nonzero().squeeze(1)  # ascending index
-    order = torch.sort(signed[candidates], descending=True, stable=True).indices
-    return candidates[order[:k]]
+    better = ((signed > kth) & valid).nonzero().squeeze(1)  # fewer than k, ascending index
+    order = torch.sort(signed[better], descending=True, stable=True).indices
+    # Ties with the k-th value can be most of the tensor (a metric that is zero almost
+    # everywhere): find only as many as are needed, smallest index first.
+    tied = first_true((signed == kth) & valid, k - len(better))
+    return torch.cat([better[order], tied])
+
+
+def first_true(mask: Tensor, n: int, block: int = 1 << 20) -> Tensor:
+    """The indices of the first `n` True entries of a 1-d mask, ascending."""
+    found, count = [], 0
+    for start in range(0, len(mask), block):
+        found.append(mask[start : start + block].nonzero().squeeze(1) + start)
+        count += len(found[-1])
+        if count >= n:
+            break
+    return torch.cat(found)[:n] if found else torch.zeros(0, dtype=torch.long, device=mask.device)
+
+
+def top_and_bottom(values: Mapping[Metric, Tensor], k: int, valid: Tensor | None = None) -> Tensor:
+    """What a pruned store keeps of flat `values`: ascending indices of every metric's k largest
+    values and every signed metric's k smallest (entries False in `valid` never kept)."""
+    keep = []
+    for g, v in values.items():
+        if not is_signed(g):
+            keep.append(ranked(v, k, valid=valid))
+            continue
+        low, high = torch.aminmax(v) if len(v) else (torch.tensor(1.0), torch.tensor(1.0))
+        if bool(low == 0) and bool(high == 0):  # e.g. a direct effect away from where it reads
+            everywhere = torch.arange(min(k, len(v)), device=v.device)
+            keep.append(everywhere if valid is None else first_true(valid, k))
+            continue
+        keep += [ranked(v, k, valid=valid), ranked(v, k, largest=False, valid=valid)]
+    kept: Tensor = torch.unique(torch.cat(keep))
+    return kept
 
 
 @dataclass

@@ -112,17 +112,19 @@ class Examples:
         """Per row the columns of the first k of [current slots, candidates] by (key, doc_id,
         start). Sorting by key alone decides the set except where the k-th and (k+1)-th keys
         are equal; only those rows pay for the sort by window identity."""
-        order = torch.argsort(all_key, dim=1, stable=True)
-        if order.shape[1] <= k:
-            return order
-        sorted_key = all_key.gather(1, order[:, k - 1 : k + 1])
-        tied = (sorted_key[:, 0] == sorted_key[:, 1]).nonzero().squeeze(1)
+        if all_key.shape[1] <= k:
+            return torch.argsort(all_key, dim=1, stable=True)
+        # The k + 1 smallest keys only (a partial sort): the first k of them are the set unless
+        # the k-th and (k+1)-th keys tie.
+        smallest = torch.topk(all_key, k + 1, dim=1, largest=False, sorted=True)
+        first = smallest.indices[:, :k]
+        tied = (smallest.values[:, k - 1] == smallest.values[:, k]).nonzero().squeeze(1)
         if tied.numel():
             tied_rows = rows[tied]
             all_doc = torch.cat([self.doc_id[tied_rows], doc_id[tied_rows]], dim=1)
             all_start = torch.cat([self.start[tied_rows], start[tied_rows]], dim=1)
-            order[tied] = lexsort(all_key[tied], all_doc, all_start)
-        return order[:, :k]
+            first[tied] = lexsort(all_key[tied], all_doc, all_start)[:, :k]
+        return first
 
     def absorb_windows_(
         self,

@@ -35,7 +35,8 @@ class Moments:
 
     @staticmethod
     def of(acts: Float[Tensor, "batch pos component"], valid: Bool[Tensor, "batch pos"]) -> Moments:
-        x = acts[valid]  # [token component]
+        # [token component]; a batch without padding (most are) needs no copy
+        x = acts.reshape(-1, acts.shape[-1]).contiguous() if bool(valid.all()) else acts[valid]
         n = x.shape[0]
         if n == 0:
             return Moments.empty(acts.shape[-1])
@@ -43,7 +44,7 @@ class Moments:
         return Moments(
             count=torch.full((x.shape[1],), n, dtype=torch.int64),
             mean=mean.double(),
-            m2=x.sub_(mean).square_().sum(dim=0).double(),  # x is our copy: in place
+            m2=(x - mean).square_().sum(dim=0).double(),
             max=top,
         )
 
