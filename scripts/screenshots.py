@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ def make_scan(folder: Path) -> Path:
     out = folder / "scan"
     command = tdb("scan", "--corpus", str(corpus), "--out", str(out), "-k", "8", "--quiet")
     subprocess.run([*command, "--window", "32"], check=True, cwd=ROOT)
+    # Explanations for the heads, so the component page shows one (seconds on this slice).
+    explain = tdb("explain", "--scan", str(out), "--components", "heads")
+    subprocess.run(explain, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -190,7 +194,9 @@ def screenshots(base: str, out: Path, work: Path) -> None:
         idle(reopened)
         shoot(reopened, out / "investigation.png")
 
-        page.goto(base + head["component"])
+        # Opened from the investigation: the current prompt's activations and a way back.
+        query = urllib.parse.urlencode({"prompt": IOI["prompt"], "from": base + "/"})
+        page.goto(f"{base}{head['component']}?{query}")
         wait(page, "h1", "the component page's title")
         page.wait_for_load_state("networkidle")
         shoot(page, out / "component.png")
