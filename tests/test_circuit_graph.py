@@ -112,7 +112,7 @@ def test_one_edge_each_width_by_score_colour_by_sign_with_a_tooltip() -> None:
     for edge in CIRCUIT.edges:
         path = by_key[(edge.source, edge.target, edge.input)]
         widths.append((abs(edge.score), float(path.get("stroke-width", "nan"))))
-        assert path.get("stroke") == ("#c62828" if edge.score < 0 else "#1f5fbf")
+        assert path.get("stroke") == ("#1f5fbf" if edge.score < 0 else "#c62828")
         exact = "none" if edge.exact is None else f"{edge.exact:.4g}"
         assert title(path) == (
             f"{edge.source} -> {edge.target} ({edge.input}): score {edge.score:.4g}, exact {exact}"

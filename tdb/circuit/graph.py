@@ -9,11 +9,12 @@ always goes up. Heads are boxes labelled `2.1` with three inputs on their bottom
 left, k in the middle, v at the right; edges into them are also drawn solid (q), dashed (k) and
 dotted (v), so the two cues agree. Neurons and SAE latents are smaller boxes labelled by their
 ids, several lines of them where a band holds many. Edges are cubic curves from the top of their
-source to the input of their target: blue when the score is positive (the edge carries the
-behaviour), red when negative, wider with |score|, strongest drawn last (on top). Each component
-is an `<a href="/component/...">` (its page of dataset examples, `tdb.nodes.component_link`)
-with a `<title>` tooltip; each edge has a `<title>` with its scores. The SVG has no `<style>`
-and no ids: it is inlined in the web page, where either could clash with the page's own.
+source to the input of their target: red when the score is positive (the edge carries the
+behaviour; red is positive in the node table too), blue when negative, wider with |score|,
+strongest drawn last (on top). Each component is an `<a href="/component/...">` (its page of
+dataset examples, `tdb.nodes.component_link`) with a `<title>` tooltip; each edge has a
+`<title>` with its scores. The SVG has no `<style>` and no ids: it is inlined in the web page,
+where either could clash with the page's own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tdb.circuit.result import Circuit, Edge
 from tdb.nodes import ComponentIndex, LatentSite, NodeType, component_link, parse_target
 
 EMBED, LOGITS = "embed", "logits"
-POSITIVE, NEGATIVE = "#1f5fbf", "#c62828"  # blue carries the behaviour, red opposes it
+POSITIVE, NEGATIVE = "#c62828", "#1f5fbf"  # as the node table: red carries it, blue opposes
 DASHES = {"q": None, "k": "7 4", "v": "1.5 3.5"}  # solid, dashed, dotted; other inputs solid
 PORTS = {"q": -0.3, "k": 0.0, "v": 0.3}  # where on a head's bottom edge, in box widths
 MIN_WIDTH, MAX_WIDTH = 0.8, 7.0  # an edge's stroke, from score 0 to the largest |score|

@@ -20,11 +20,12 @@ const NUMBERS = [
 
 let result = null; // the last response
 
-// The graph's colours: blue carries the behaviour, red opposes it (tdb.circuit.graph).
+// The graph's colours, as the node table's: red carries the behaviour, blue opposes it
+// (tdb.circuit.graph).
 function edgeColour(value, scale) {
   if (value === null || value === undefined || !scale) return "";
   const alpha = Math.min(1, Math.abs(value) / scale) * 0.55;
-  return value >= 0 ? `rgba(31, 95, 191, ${alpha})` : `rgba(198, 40, 40, ${alpha})`;
+  return value >= 0 ? `rgba(198, 40, 40, ${alpha})` : `rgba(31, 95, 191, ${alpha})`;
 }
 
 // ---- the request and the URL ----------------------------------------------------------------
@@ -141,7 +142,7 @@ function renderEdges() {
       return cell;
     })));
   $("edges-table").replaceChildren(el("thead", {}, header), el("tbody", {}, ...rows));
-  $("edge-count").textContent = `(${result.edges.length}; blue: positive score, red: negative)`;
+  $("edge-count").textContent = `(${result.edges.length}; red: positive score, blue: negative)`;
 }
 
 // ---- start ----------------------------------------------------------------------------------
