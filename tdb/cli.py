@@ -749,10 +749,7 @@ def add_replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def parse_tolerance(text: str, flag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise TdbError(f"{flag}: {text!r} is not a number") from None
+    value = parse_float(text, flag)
     if not value >= 0 or value == float("inf"):
         raise TdbError(f"{flag}: must be a finite number >= 0, got {text}")
     return value
