@@ -132,8 +132,6 @@ def test_sort_and_node_types_only_reorder_and_filter_the_rows(demo: LoadedModel)
 
 
 def test_comparison_and_resample_source_are_separate_fields(demo: LoadedModel) -> None:
-    with pytest.raises(TdbError, match="cannot be combined with --ablate"):
-        node_table(demo, PROMPT, " Mary", " John", ablate=["h2.3@13:1"], compare_prompt=SECOND)
     with pytest.raises(TdbError, match="none is given"):
         node_table(demo, PROMPT, " Mary", " John", resample_prompt=SECOND)
     with pytest.raises(TdbError, match="not both"):  # the older name never overrides silently
@@ -144,6 +142,34 @@ def test_comparison_and_resample_source_are_separate_fields(demo: LoadedModel) -
     assert resampled.baseline_value is not None and resampled.right_value is None
     compared = node_table(demo, PROMPT, " Mary", " John", compare_prompt=SECOND)
     assert compared.right_value is not None and compared.baseline_value is None
+
+
+@pytest.mark.slow  # two dense ablated tables of every node, as the reference
+def test_a_comparison_with_ablations_compares_the_two_ablated_prompts(
+    demo: LoadedModel,
+) -> None:
+    """Both prompts run under the ablations: each row's left and right values are the values
+    the ablated table of each prompt alone has for that node (every node kept there)."""
+    ablate = ["h2.3@13:1", "n1.7@12"]
+    both = node_table(demo, PROMPT, " Mary", " John", k=4, ablate=ablate, compare_prompt=SECOND)
+    alone = {
+        prompt: node_table(demo, prompt, " Mary", " John", k=100_000, ablate=ablate)
+        for prompt in (PROMPT, SECOND)
+    }
+    rows = {p: {n["id"]: n for n in t.to_json()["nodes"]} for p, t in alone.items()}
+    document = both.to_json()
+    assert document["nodes"]
+    for node in document["nodes"]:
+        for group in ("activation", "direct_effect", "act_times_grad"):
+            left, right = rows[PROMPT][node["id"]][group], rows[SECOND][node["id"]][group]
+            assert math.isclose(node[group], left, rel_tol=1e-5, abs_tol=1e-6), node["id"]
+            assert math.isclose(node[f"{group}_right"], right, rel_tol=1e-5, abs_tol=1e-6)
+            assert math.isclose(node[f"{group}_diff"], right - left, rel_tol=1e-5, abs_tol=1e-5)
+    assert both.right_value == pytest.approx(alone[SECOND].direction_value, abs=1e-5)
+    assert both.direction_value == pytest.approx(alone[PROMPT].direction_value, abs=1e-5)
+    unablated = node_table(demo, PROMPT, " Mary", " John", k=1)
+    assert both.baseline_value == pytest.approx(unablated.direction_value, abs=1e-5)
+    assert both.baseline_value != pytest.approx(both.direction_value, abs=1e-3)  # it bites
 
 
 def test_bad_display_options_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:

@@ -264,6 +264,19 @@ def test_second_prompt_has_its_own_target_and_keeps_views_and_trace(
     assert "second=" in page.url
 
 
+def test_a_second_prompt_with_an_ablation_compares_both_ablated(page: Page, base_url: str) -> None:
+    params = {"second": SECOND, "second_target": " Tom", "second_distractor": " Anna"}
+    open_page(page, base_url, ablate="h2.1@13:9", **params)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator('[data-testid="ablation"]')).to_have_count(1)
+    body = {**IOI, "k": 10, "ablate": ["h2.1@13:9"], "compare_prompt": SECOND}
+    body |= {"compare_target": " Tom", "compare_distractor": " Anna"}
+    direction = httpx.post(f"{base_url}/api/nodes", json=body, timeout=60).json()["direction"]
+    extra = page.locator("#direction-extra").inner_text()
+    assert f"before ablation {direction['baseline_value']:.3f}" in extra, (extra, direction)
+    assert f"second prompt {direction['right_value']:.3f}" in extra, (extra, direction)
+
+
 def test_latents_in_the_heatmap_with_a_trace_action_and_a_hint(page: Page, base_url: str) -> None:
     open_page(page, base_url, mlp="latents")
     cells = page.locator('#heatmap tr[data-row="latents_mlp_out"] td').all_inner_texts()

@@ -52,7 +52,8 @@ class NodeRequest:
     - `resample_prompt`: the source of `:resample` ablations (same token count).
     - `mean_prompts`: the reference prompts of `:mean` ablations (default: the prompt itself).
     - `compare_prompt`: a second prompt of the same token count, shown side by side (left,
-      right, right - left). Not combined with ablations.
+      right, right - left). With `ablate`, both prompts run ablated (`baseline_value`: the
+      first prompt's value without the ablations).
     - `compare_target` / `compare_distractor`: the compared prompt's own target and distractor
       (default: the first prompt's), so `direction.right_value` means the same on a prompt whose
       names differ.
@@ -136,11 +137,6 @@ class NodeRequest:
             raise TdbError(
                 "--compare-target/--compare-distractor name the compared prompt's answers; "
                 "a trace or --vector explains the same direction on both prompts"
-            )
-        if self.compare_prompt is not None and ablations:
-            raise TdbError(
-                "--compare-prompt shows two prompts side by side and cannot be combined with "
-                "--ablate (a :resample ablation's source is --resample-prompt)"
             )
         return replace(
             self,

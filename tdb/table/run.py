@@ -155,16 +155,7 @@ def run_request(
     columns: dict[str, list[float]] = {}
     table_fields: dict[str, object] = {}
     warnings: list[str] = []
-    if ablations:
-        baseline = run(token_tensor)
-        result = values_at(main.store, groups, table_nodes([main.store], groups, k))
-        before = values_at(baseline.store, groups, result.nodes)
-        for g in groups:
-            columns[f"{g.value}_baseline"] = before.values[g].tolist()
-            columns[f"{g.value}_diff"] = (result.values[g] - before.values[g]).tolist()
-        table_fields["baseline_value"] = baseline.direction_value
-        warnings += inert_ablations(ablations, baseline.store)
-    elif compare is not None:
+    if compare is not None:
         right_direction = direction
         if request.compare_target is not None or request.compare_distractor is not None:
             # The compared prompt's own answers: logit(its target) - logit(its distractor).
@@ -185,7 +176,14 @@ def run_request(
                 ]
                 for name in ("target", "distractor")
             }
-        right = run(torch.tensor(compare), direction=right_direction)
+        # With ablations, both prompts run under them (each its own hooks: mean ablations
+        # average over each prompt's own reference, positions are the same).
+        right_hooks = (
+            ablation_hooks(model, compare, ablations, resample, means, attached)
+            if ablations
+            else NO_HOOKS
+        )
+        right = run(torch.tensor(compare), hooks=right_hooks, direction=right_direction)
         nodes = table_nodes([main.store, right.store], groups, k)
         result = values_at(main.store, groups, nodes)
         other = values_at(right.store, groups, nodes)
@@ -197,6 +195,19 @@ def run_request(
             "right_tokens": compare,
             "right_token_texts": [tokenizer.token_text(t) for t in compare],
         }
+        if ablations:  # the first prompt's value without them, and ablations that do nothing
+            baseline = run(token_tensor)
+            table_fields["baseline_value"] = baseline.direction_value
+            warnings += inert_ablations(ablations, baseline.store)
+    elif ablations:
+        baseline = run(token_tensor)
+        result = values_at(main.store, groups, table_nodes([main.store], groups, k))
+        before = values_at(baseline.store, groups, result.nodes)
+        for g in groups:
+            columns[f"{g.value}_baseline"] = before.values[g].tolist()
+            columns[f"{g.value}_diff"] = (result.values[g] - before.values[g]).tolist()
+        table_fields["baseline_value"] = baseline.direction_value
+        warnings += inert_ablations(ablations, baseline.store)
     else:
         result = multi_group_topk(main.store, groups, k)
     if request.verify:
