@@ -325,7 +325,7 @@ def cli_args(out: Path, corpus: Path, checkpoint_dir: Path) -> list[str]:
         str(checkpoint_dir),
         "--quiet",
         *("-k", str(K), "--window", str(WINDOW), "--batch-size", "4"),
-        *("--shard-windows", "5", "--seed", "3"),
+        *("--shard-windows", "5", "--seed", "3", "--context", str(CONTEXT)),
     ]
 
 
@@ -576,6 +576,7 @@ def test_duckdb_reads_the_documented_schema(scanned: Path, loaded: LoadedModel) 
         ("tokens", "VARCHAR[]"),
         ("activations", "FLOAT[]"),
         ("site", "VARCHAR"),
+        ("context_tokens", "VARCHAR[]"),
     ]
     top = duckdb.sql(
         f"""SELECT rank, activation, activations[token_position + 1] AS at_max,
