@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tdb.attribution.dataset import dataset_from_records
 from tdb.checkpoint import LoadedModel, load_model
 from tdb.cli import main
 from tdb.errors import TdbError
@@ -158,3 +159,19 @@ def test_loaded_run_starts_text_with_the_bos(llama_with_bos: Path) -> None:
     assert result.tokens[0].tolist() == [VOCAB[w] for w in ["<s>", *TEXT.split()]]
     assert result.tokens[1, :4].tolist() == [VOCAB[w] for w in ["<s>", "Mary", "and", "John"]]
     assert loaded.run([[3, 4]]).tokens.tolist() == [[3, 4]]  # ids as given
+
+
+def test_dataset_text_prompts_start_with_the_bos(llama_with_bos: Path) -> None:
+    """Task-level attribution tokenizes a text prompt (and its corrupted twin) as the node table
+    does: the BOS first; token-id prompts and the answers are taken as they are."""
+    loaded = load_model(llama_with_bos)
+    record = {"prompt": "Mary and John", "corrupted": "John and Mary", "target": "Mary"}
+    pair = dataset_from_records([record], loaded.tokenizer, 64).pairs[0]
+    assert list(pair.tokens) == loaded.tokenizer.prompt_ids("Mary and John", 64)
+    assert pair.tokens[0] == VOCAB["<s>"] and pair.corrupted is not None
+    assert pair.corrupted[0] == VOCAB["<s>"] and pair.target == (VOCAB["Mary"],)
+    by_ids = {"prompt_ids": [VOCAB["Mary"], VOCAB["and"]], "target": "Mary"}
+    assert dataset_from_records([by_ids], loaded.tokenizer, 64).pairs[0].tokens == (
+        VOCAB["Mary"],
+        VOCAB["and"],
+    )

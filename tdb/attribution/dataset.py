@@ -154,7 +154,11 @@ def _tokens(
     if kind == "text":
         if not isinstance(value, str):
             raise TdbError(f"{where}: {name} must be text, got {value!r}")
+        # A text prompt starts with the BOS when the tokenizer adds one, as `tdb nodes`'s does
+        # (Llama, Gemma; not GPT-2 or the demo model); ids are taken as given.
         ids = tokenizer.encode(value)
+        if ids:
+            ids = [*tokenizer.bos, *ids]
     else:
         ids = _id_list(value, f"{where}: {name}_ids", tokenizer)
     if not ids:
