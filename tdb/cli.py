@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_device_options(command: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --device-map: where the model runs (docs/performance.md)."""
+def add_device_options(command: argparse.ArgumentParser, device_map: bool = True) -> None:
+    """--device, --dtype and (unless `device_map` is False) --device-map: where the model runs
+    (docs/performance.md)."""
     command.add_argument(
         "--device",
         default="auto",
@@ -197,6 +198,8 @@ def add_device_options(command: argparse.ArgumentParser) -> None:
         help="auto (default: the checkpoint's on a GPU, float32 on the CPU), float32, bfloat16, "
         "float16",
     )
+    if not device_map:
+        return
     command.add_argument(
         "--device-map",
         metavar="MAP",
@@ -387,8 +390,7 @@ def add_explain_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action="store_true",
         help="--explainer llm: also a control score (one more request per component)",
     )
-    explain.add_argument("--device", default="auto", help="where the scan's model runs (auto)")
-    explain.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    add_device_options(explain, device_map=False)  # the explainer's model runs on one device
 
 
 def parse_int(text: str, flag: str, minimum: int | None = None) -> int:
@@ -597,7 +599,7 @@ def run_explain(args: argparse.Namespace) -> None:
     from tdb.explain.llm_client import LlmConfig
 
     kinds = None if args.components is None else [k.strip() for k in args.components.split(",")]
-    args.device_map = None  # the explainer's model runs on one device
+    args.device_map = None  # no --device-map: one device
     check_device_options(args)
     llm = None
     if args.explainer == "llm" and (args.llm_url is None or args.llm_model is None):
