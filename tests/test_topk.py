@@ -158,14 +158,31 @@ def test_pruned_capture_gives_the_same_table_as_the_dense_one(tmp_path: Path, k:
         multi_group_topk(pruned.store, list(ALL_GROUPS), k + 1)
 
 
-@pytest.mark.parametrize("n", [10, (1 << 15) * 3, (1 << 15) * 3 + 17])
+@pytest.mark.parametrize("n", [10, 512 * 3, 512 * 40 + 17, (1 << 15) * 3 + 17])
 @pytest.mark.parametrize("largest", [True, False])
-def test_chunked_topk_equals_a_sort(n: int, largest: bool) -> None:
-    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+@pytest.mark.parametrize("ties", [False, True])
+def test_chunked_topk_equals_a_sort(n: int, largest: bool, ties: bool) -> None:
+    gen = torch.Generator().manual_seed(n)
+    values = (
+        torch.randint(-3, 4, (n,), generator=gen).float() if ties else torch.randn(n, generator=gen)
+    )
     top_values, top_indices = chunked_topk(values, 7, largest)
     expected = sorted(values.tolist(), reverse=largest)[:7]
     assert top_values.tolist() == expected
     assert values[top_indices].tolist() == expected
+    assert len(set(top_indices.tolist())) == 7
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_chunked_topk_ranks_nan_first(largest: bool) -> None:
+    """NaN ranks first either way, so that `ranked` sees it and takes its exact path."""
+    values = torch.randn(512 * 20, generator=torch.Generator().manual_seed(1))
+    values[[5, 4000, 9000]] = math.nan
+    top_values, top_indices = chunked_topk(values, 5, largest)
+    assert sorted(top_indices[:3].tolist()) == [5, 4000, 9000]
+    finite = values.nan_to_num(-math.inf if largest else math.inf)
+    expected = sorted(finite.tolist(), reverse=largest)[:2]
+    assert top_values[3:].tolist() == expected
 
 
 def test_ranked_on_long_tensors_with_ties_and_masks() -> None:

@@ -233,22 +233,25 @@ class Attention(nn.Module):
         hooks: Hooks,
         rotary: Rotary | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q  # [batch pos head d_head]
-        k = torch.einsum("bpd,gde->bpge", x, self.W_K) + self.b_K  # [batch pos kv_head d_head]
-        v = torch.einsum("bpd,gde->bpge", x, self.W_V) + self.b_V  # [batch pos kv_head d_head]
+        # Plain matmuls (einsum's own planning costs more than it saves at these shapes).
+        q = self._projected(x, self.W_Q) + self.b_Q  # [batch pos head d_head]
+        k = self._projected(x, self.W_K) + self.b_K  # [batch pos kv_head d_head]
+        v = self._projected(x, self.W_V) + self.b_V  # [batch pos kv_head d_head]
         if rotary is not None:
             q, k = rotary.rotate(q), rotary.rotate(k)
         q = hooks(HookPoint.Q, q)
         k = hooks(HookPoint.K, self.per_query_head(k))
         v = hooks(HookPoint.V, self.per_query_head(v))
-        logits = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.score_scale
+        logits = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.score_scale
         logits = hooks(HookPoint.ATTN_LOGITS, logits)  # [batch head query_pos key_pos]
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
         # The softmax in float32 whatever the model's dtype, as transformers does.
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype)
         probs = hooks(HookPoint.ATTN_PROBS, probs)
-        z = hooks(HookPoint.ATTN_Z, torch.einsum("bhqk,bkhe->bqhe", probs, v))
-        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O  # [batch pos d_model]
+        z = hooks(HookPoint.ATTN_Z, (probs @ v.transpose(1, 2)).transpose(1, 2))  # bqhe
+        n_head, d_head, d_model = self.W_O.shape
+        out = z.reshape(*z.shape[:2], n_head * d_head) @ self.W_O.reshape(-1, d_model)
+        return out + self.b_O  # [batch pos d_model]
 
     def query_change(
         self, dx: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"]

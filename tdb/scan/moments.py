@@ -34,18 +34,23 @@ class Moments:
         )
 
     @staticmethod
-    def of(acts: Float[Tensor, "batch pos component"], valid: Bool[Tensor, "batch pos"]) -> Moments:
+    def of(
+        acts: Float[Tensor, "batch pos component"],
+        valid: Bool[Tensor, "batch pos"],
+        top: Float[Tensor, " component"] | None = None,
+    ) -> Moments:
+        """The moments of the valid tokens; `top`: their maximum, where the caller has it."""
         # [token component]; a batch without padding (most are) needs no copy
-        x = acts.reshape(-1, acts.shape[-1]).contiguous() if bool(valid.all()) else acts[valid]
+        x = acts.reshape(-1, acts.shape[-1]) if bool(valid.all()) else acts[valid]
         n = x.shape[0]
         if n == 0:
             return Moments.empty(acts.shape[-1])
-        mean, top = x.mean(dim=0), x.amax(dim=0)
+        variance, mean = torch.var_mean(x, dim=0, correction=0)  # one pass for both
         return Moments(
             count=torch.full((x.shape[1],), n, dtype=torch.int64),
             mean=mean.double(),
-            m2=(x - mean).square_().sum(dim=0).double(),
-            max=top,
+            m2=variance.double() * n,
+            max=x.amax(dim=0) if top is None else top,
         )
 
     @property

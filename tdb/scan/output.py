@@ -234,8 +234,12 @@ def write_results(
 def _write(path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
     from tdb.scan.out_folder import atomic_write
 
+    # Column statistics (min / max, for readers' filters) on the scalar columns only: on the
+    # token lists they cost a third of the write and no reader filters on them.
+    scalar = [f.name for f in schema if not pa.types.is_list(f.type)]
+
     def write(f: BinaryIO) -> None:
-        with pq.ParquetWriter(f, schema) as writer:
+        with pq.ParquetWriter(f, schema, write_statistics=scalar) as writer:
             for table in tables:
                 writer.write_table(table)
 

@@ -97,7 +97,8 @@ def absorb_batch_(
     windows = (doc_id, start, lengths, acts)
     part.top.absorb_windows_(-activation, activation, position, *windows, top_bound, eligible)
     part.sample.absorb_windows_(keys, activation, position, *windows, sample_bound, eligible)
-    part.moments = part.moments.merge(Moments.of(acts, valid))
+    batch_max = window_max.amax(dim=0)  # the valid tokens' maximum (padding is -inf)
+    part.moments = part.moments.merge(Moments.of(acts, valid, batch_max))
 
 
 @dataclass

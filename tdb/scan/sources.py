@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tdb.hooks import HookFn, HookPoint, Hooks
 from tdb.latents import LATENT_POINTS
-from tdb.metrics import AttentionInputs, MlpInputs, ReadOut, head_write_norm, neuron_activation
+from tdb.metrics import MlpInputs, ReadOut, key_terms, neuron_activation
 from tdb.models.base import TransformerModel
 from tdb.nodes import LatentSite, NodeType
 from tdb.sae import AttachedSae
@@ -83,17 +83,12 @@ def head_source(model: TransformerModel, layer: int) -> ComponentSource:
         probs = captured[HookPoint.ATTN_PROBS]  # [batch head query_pos key_pos]
         v = captured[HookPoint.V]  # [batch pos head d_head]
         batch, n_head, n_pos, _ = probs.shape
-        # One call of the metric for the whole batch: the batch's keys laid end to end as one
-        # key axis (each query row only has weight on its own window's keys).
-        flat = AttentionInputs(
-            probs=probs.permute(1, 2, 0, 3).reshape(n_head, n_pos, batch * n_pos),
-            grad_probs=None,
-            v=v.reshape(batch * n_pos, n_head, -1),  # [batch*key_pos head d_head]
-            W_O=W_O,
-            read=NO_READ_OUT,
-        )
-        writes = head_write_norm(flat).reshape(n_head, n_pos, batch, n_pos)  # [h q batch k]
-        return writes.amax(dim=-1).permute(2, 1, 0)  # [batch query_pos head]: max over keys
+        # `head_write_norm` for the whole batch: p times the key's factor ‖v[key, head] W_O[head]‖
+        # (`key_terms`, computed once for the batch's keys laid end to end), laid out per row.
+        norms = key_terms(v.reshape(batch * n_pos, n_head, -1), W_O, NO_READ_OUT).write_norm
+        per_key = norms.reshape(batch, n_pos, n_head).permute(0, 2, 1)[:, :, None, :]  # b h 1 k
+        writes = probs.float() * per_key  # [batch head query_pos key_pos]
+        return writes.amax(dim=-1).permute(0, 2, 1)  # [batch query_pos head]: max over keys
 
     return ComponentSource(
         NodeType.ATTENTION_HEAD,
