@@ -3,14 +3,14 @@
 On the demo model and its bundled corpus (or --model / --corpus), in one process: the plain
 forward `model(tokens)` (all logits, no hooks) over exactly the batches the scan runs, then the
 whole in-process scan into a fresh folder (tokenizing, hooks, head write magnitudes, top-k and
-random sample, statistics, checkpoints and the Parquet output), then the plain forward again;
-the better plain run counts. Throughput is reported against wall time and against this
+random sample, statistics, checkpoints and the Parquet output), alternating, `--repeats` times
+(3); the best wall time and the best CPU time of each count. Throughput is reported against wall time and against this
 process's CPU time (steadier on a shared machine). Goal: scan >= 0.8x the plain forward over
 the same batches (each window with its left context, `--context`); tokens/s count the windows'
 tokens only. The plain forward of the windows without their context is shown too.
 
     .venv/bin/python benchmarks/scan.py [--model DIR] [--corpus PATH] [-k 20] [--window 64]
-        [--batch-size 32] [--corpus-copies N]
+        [--batch-size 32] [--corpus-copies N] [--repeats 3]
 
 `--corpus-copies N` scans N copies of the corpus one after the other (as N times as many
 documents): the fixed costs (loading the model, writing k examples per component) then weigh
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-windows", type=int, default=512)
     parser.add_argument("--corpus-copies", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     keep_freed_memory()  # as the `tdb` command does (tdb/malloc.py)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace, corpus: Path) -> None:
         "plain_bare": [],
         "scan": [],
     }
-    for _ in range(2):  # alternating, the better of two each
+    for _ in range(args.repeats):  # alternating, the best of each
         rows["plain"].append(timed(lambda: plain_forward(model, batches, logits=True)))
         rows["plain_no_logits"].append(timed(lambda: plain_forward(model, batches, logits=False)))
         rows["plain_bare"].append(timed(lambda: plain_forward(model, bare, logits=True)))

@@ -45,11 +45,11 @@ class Moments:
         n = x.shape[0]
         if n == 0:
             return Moments.empty(acts.shape[-1])
-        variance, mean = torch.var_mean(x, dim=0, correction=0)  # one pass for both
+        mean = x.mean(dim=0)  # (torch.var_mean over dim 0 is ten times slower on the CPU)
         return Moments(
             count=torch.full((x.shape[1],), n, dtype=torch.int64),
             mean=mean.double(),
-            m2=variance.double() * n,
+            m2=(x - mean).square_().sum(dim=0).double(),
             max=x.amax(dim=0) if top is None else top,
         )
 

@@ -84,7 +84,9 @@ def scan_shard(
             hooks = attach(saes or [], source_hooks(sources, acts))  # SAEs run inside
             # Windows are right-padded; the mask (the batched capture's) keeps padding out of
             # every real token's attention, as the causal mask alone already does.
-            mask = padding_mask(batch.lengths, batch.tokens.shape[1])
+            n_run = batch.tokens.shape[1]
+            padded = bool((batch.lengths < n_run).any())  # most batches are not (longest first)
+            mask = padding_mask(batch.lengths, n_run) if padded else None
             model(batch.tokens, hooks, attention_mask=mask, logit_positions=NO_LOGITS)
             for source in sources:
                 absorb_batch_(
