@@ -117,7 +117,8 @@ def ranked_positions(
     n_run = acts.shape[1]
     n_pos = min(window, n_run)
     where = (context[:, None] + torch.arange(n_pos)[None, :]).clamp(max=n_run - 1)  # [batch pos]
-    return acts.gather(1, where[:, :, None].expand(-1, -1, acts.shape[2]))
+    rows = torch.arange(len(context), device=acts.device)[:, None]
+    return acts[rows, where.to(acts.device)]  # whole rows of components (gather: 1 index each)
 
 
 def first_ranked(source: ComponentSource, context: Int[Tensor, " batch"]) -> Tensor | None:
