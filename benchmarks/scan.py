@@ -1,13 +1,14 @@
 """Benchmark: `tdb scan` tokens per second next to the model's plain forward on the same batches.
 
 On the demo model and its bundled corpus (or --model / --corpus), in one process: the plain
-forward `model(tokens)` (all logits, no hooks) over exactly the batches the scan runs, then the
+forward `model(tokens)` (all logits, no hooks) over exactly the batches the scan runs, and the
 whole in-process scan into a fresh folder (tokenizing, hooks, head write magnitudes, top-k and
 random sample, statistics, checkpoints and the Parquet output), alternating, `--repeats` times
-(3); the best wall time and the best CPU time of each count. Throughput is reported against wall time and against this
-process's CPU time (steadier on a shared machine). Goal: scan >= 0.8x the plain forward over
-the same batches (each window with its left context, `--context`); tokens/s count the windows'
-tokens only. The plain forward of the windows without their context is shown too.
+(3); the best wall time and the best CPU time of each count. Throughput is reported against
+wall time and against this process's CPU time (steadier on a shared machine). Goal: scan >=
+0.8x the plain forward over the same batches (each window with its left context, `--context`);
+tokens/s count the windows' tokens only. The plain forward of the windows without their context
+is shown too.
 
     .venv/bin/python benchmarks/scan.py [--model DIR] [--corpus PATH] [-k 20] [--window 64]
         [--batch-size 32] [--corpus-copies N] [--repeats 3]
