@@ -83,18 +83,17 @@ def run(args: argparse.Namespace, corpus: Path) -> None:
     loaded = load_model(args.model)
     model = loaded.model
 
-    def batches_of(context: int) -> list[torch.Tensor]:
-        cut = shards(
-            read_corpus(corpus), loaded.tokenizer, args.window, args.shard_windows, context
-        )
-        return [batch.tokens for shard in cut for batch in shard_batches(shard, args.batch_size)]
+    def cut(context: int) -> list[Shard]:
+        documents = read_corpus(corpus)
+        return list(shards(documents, loaded.tokenizer, args.window, args.shard_windows, context))
 
-    batches = batches_of(settings.context)  # exactly the scan's: left context, then window
-    bare = batches_of(0)  # the same windows without their left context
-    all_shards: list[Shard] = list(
-        shards(read_corpus(corpus), loaded.tokenizer, args.window, args.shard_windows)
-    )
-    n_tokens = sum(s.n_tokens for s in all_shards)  # ranked tokens: windows, not context
+    def batches_of(cut_shards: list[Shard]) -> list[torch.Tensor]:
+        return [b.tokens for shard in cut_shards for b in shard_batches(shard, args.batch_size)]
+
+    scan_shards = cut(settings.context)
+    batches = batches_of(scan_shards)  # exactly the scan's: left context, then window
+    bare = batches_of(cut(0))  # the same windows without their left context
+    n_tokens = sum(s.n_tokens for s in scan_shards)  # ranked tokens: windows, not context
 
     plain_forward(model, batches[:2], logits=True)  # warm-up
     rows: dict[str, list[tuple[float, float]]] = {
